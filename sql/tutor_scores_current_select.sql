@@ -1,0 +1,1 @@
+SELECT * FROM tutor_scores_current ORDER BY tutor_id

@@ -1,0 +1,151 @@
+"""Every setting the project reads from the environment: its variable, default and meaning.
+
+This table is the one source of configuration. Dagster resources (``defs/resources.py``) and the
+``tutor-scoring`` command both resolve their values through :func:`load_settings`, at run time
+rather than import time, so a test or a deployment differs only in its environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable the project reads."""
+
+    env: str
+    default: str | None
+    help: str
+    secret: bool = False
+
+
+SETTINGS: Final[tuple[Setting, ...]] = (
+    Setting("TUTOR_SCORING_HOME", "data", "Base folder of every default path below."),
+    Setting("TUTOR_SCORING_LANDING_DIR", "{home}/landing", "Where the platform drops exports."),
+    Setting(
+        "TUTOR_SCORING_ARCHIVE_DIR", "{landing}/archive", "Loaded files (with rejected-row CSVs)."
+    ),
+    Setting(
+        "TUTOR_SCORING_QUARANTINE_DIR",
+        "{landing}/quarantine",
+        "Unloadable files, each with a .reason.txt sidecar.",
+    ),
+    Setting("TUTOR_SCORING_WAREHOUSE", "{home}/warehouse.duckdb", "The DuckDB warehouse file."),
+    Setting(
+        "DATABASE_URL",
+        "sqlite:///{home}/scores.sqlite",
+        "Serving store, a SQLAlchemy URL (postgresql+psycopg://user:pass@host/db in production).",
+        secret=True,
+    ),
+    Setting(
+        "TUTOR_SCORING_START_DATE",
+        "2023-01-01",
+        "First daily score partition (read when the code location loads).",
+    ),
+    Setting(
+        "SERVING_HORIZON_DAYS",
+        "180",
+        "Days of sessions and reschedules published to the store for drill-down (0: all).",
+    ),
+    Setting("RISK_THRESHOLD", "0.15", "A window's reschedule rate above this is high risk."),
+    Setting("MIN_SESSIONS", "5", "Sessions a window needs before its rate can flag a tutor."),
+    Setting("EMAIL_SERVICE", "outbox", "Email backend: outbox | smtp | sendgrid."),
+    Setting("EMAIL_OUTBOX_DIR", "{home}/outbox", "Where the outbox backend writes .eml files."),
+    Setting("ADMIN_EMAIL", "admin@example.com", "Recipients of reports, comma-separated."),
+    Setting("EMAIL_FROM", "tutor-scoring@example.com", "Sender address of reports."),
+    Setting("SMTP_HOST", "localhost", "SMTP server (EMAIL_SERVICE=smtp)."),
+    Setting("SMTP_PORT", "25", "SMTP port (EMAIL_SERVICE=smtp)."),
+    Setting("SMTP_USERNAME", None, "SMTP login, if the server wants one."),
+    Setting("SMTP_PASSWORD", None, "SMTP password.", secret=True),
+    Setting("SMTP_STARTTLS", "false", "Upgrade the SMTP connection with STARTTLS."),
+    Setting("SENDGRID_API_KEY", None, "SendGrid API key (EMAIL_SERVICE=sendgrid).", secret=True),
+    Setting("SENDGRID_HOST", "https://api.sendgrid.com", "SendGrid API base URL."),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved configuration."""
+
+    home: Path
+    landing_dir: Path
+    archive_dir: Path
+    quarantine_dir: Path
+    warehouse: Path
+    database_url: str
+    start_date: str
+    serving_horizon_days: int
+    risk_threshold: float
+    min_sessions: int
+    email_service: str
+    outbox_dir: Path
+    admin_emails: tuple[str, ...]
+    email_from: str
+    smtp_host: str
+    smtp_port: int
+    smtp_username: str | None
+    smtp_password: str | None
+    smtp_starttls: bool
+    sendgrid_api_key: str | None
+    sendgrid_host: str
+
+
+def _truthy(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "t", "yes", "on"}
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Resolve every setting from ``environ`` (default: the process environment)."""
+    env = os.environ if environ is None else environ
+    raw: dict[str, str | None] = {}
+    for s in SETTINGS:
+        value = env.get(s.env) or s.default
+        raw[s.env] = value
+    home = raw["TUTOR_SCORING_HOME"] or "data"
+    landing = (raw["TUTOR_SCORING_LANDING_DIR"] or "").format(home=home)
+
+    def path(name: str) -> Path:
+        return Path((raw[name] or "").format(home=home, landing=landing))
+
+    def text(name: str) -> str:
+        return (raw[name] or "").format(home=home, landing=landing)
+
+    try:
+        threshold = float(text("RISK_THRESHOLD"))
+        min_sessions = int(text("MIN_SESSIONS"))
+        smtp_port = int(text("SMTP_PORT"))
+        horizon = int(text("SERVING_HORIZON_DAYS"))
+    except ValueError as exc:
+        raise ValueError(f"bad number in the environment: {exc}") from None
+    if not 0 <= threshold <= 1:
+        raise ValueError(f"RISK_THRESHOLD must be a fraction in [0, 1], got {threshold}")
+    if min_sessions < 1:
+        raise ValueError(f"MIN_SESSIONS must be at least 1, got {min_sessions}")
+    return Settings(
+        home=Path(home),
+        landing_dir=Path(landing),
+        archive_dir=path("TUTOR_SCORING_ARCHIVE_DIR"),
+        quarantine_dir=path("TUTOR_SCORING_QUARANTINE_DIR"),
+        warehouse=path("TUTOR_SCORING_WAREHOUSE"),
+        database_url=text("DATABASE_URL"),
+        start_date=text("TUTOR_SCORING_START_DATE"),
+        serving_horizon_days=horizon,
+        risk_threshold=threshold,
+        min_sessions=min_sessions,
+        email_service=text("EMAIL_SERVICE").strip().lower(),
+        outbox_dir=path("EMAIL_OUTBOX_DIR"),
+        admin_emails=tuple(a.strip() for a in text("ADMIN_EMAIL").split(",") if a.strip()),
+        email_from=text("EMAIL_FROM"),
+        smtp_host=text("SMTP_HOST"),
+        smtp_port=smtp_port,
+        smtp_username=raw["SMTP_USERNAME"],
+        smtp_password=raw["SMTP_PASSWORD"],
+        smtp_starttls=_truthy(text("SMTP_STARTTLS")),
+        sendgrid_api_key=raw["SENDGRID_API_KEY"],
+        sendgrid_host=text("SENDGRID_HOST"),
+    )

@@ -1,0 +1,137 @@
+"""Jobs and schedules, and the in-process run behind ``tutor-scoring run``."""
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import dagster as dg
+
+from tutor_scoring_dagster.defs.ingest.assets import landing_drops
+from tutor_scoring_dagster.defs.partitions import daily_partitions
+from tutor_scoring_dagster.defs.publish.assets import tutor_score_history, tutor_scores
+from tutor_scoring_dagster.defs.reports.assets import email_reports
+from tutor_scoring_dagster.defs.resources import default_resources
+from tutor_scoring_dagster.defs.scores.assets import (
+    tutor_daily_activity,
+    tutor_scores_current,
+    tutor_scores_daily,
+)
+from tutor_scoring_dagster.scoring import floor_to_hour, snapshot_day
+
+HOURLY_ASSETS = [landing_drops, tutor_scores_current, tutor_scores, email_reports]
+DAILY_ASSETS = [tutor_daily_activity, tutor_scores_daily, tutor_score_history]
+
+hourly_scoring_job = dg.define_asset_job(
+    "hourly_scoring_job",
+    selection=dg.AssetSelection.assets(*HOURLY_ASSETS),
+    description="Ingest new drops, score as of the start of the hour, publish, send reports.",
+)
+
+daily_scores_job = dg.define_asset_job(
+    "daily_scores_job",
+    selection=dg.AssetSelection.assets(*DAILY_ASSETS),
+    partitions_def=daily_partitions,
+    description="Daily activity, the daily score snapshot and its history in the store.",
+)
+
+hourly_scoring_schedule = dg.ScheduleDefinition(
+    job=hourly_scoring_job,
+    cron_schedule="0 * * * *",
+    execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+)
+
+daily_scores_schedule = dg.build_schedule_from_partitioned_job(
+    daily_scores_job,
+    hour_of_day=0,
+    minute_of_hour=15,
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+)
+
+
+@dataclass
+class RunSummary:
+    """What one run of the whole pipeline did, for people."""
+
+    success: bool
+    as_of: datetime
+    days: tuple[str, str] | None
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def value(self, asset: str, key: str, default: Any = 0) -> Any:
+        return self.metadata.get(asset, {}).get(key, default)
+
+    def render(self) -> str:
+        lines = [
+            f"run {'succeeded' if self.success else 'FAILED'}: scores as of "
+            f"{self.as_of:%Y-%m-%d %H:%M} UTC"
+            + (f", daily partitions {self.days[0]}..{self.days[1]}" if self.days else ""),
+            f"  files loaded:      {self.value('landing_drops', 'files_loaded')}"
+            f" ({self.value('landing_drops', 'files_quarantined')} quarantined,"
+            f" {self.value('landing_drops', 'files_duplicate')} duplicates)",
+            f"  rows rejected:     {self.value('landing_drops', 'rows_rejected')}",
+            f"  tutors scored:     {self.value('tutor_scores_current', 'tutors_scored')}",
+            f"  high-risk tutors:  {self.value('tutor_scores_current', 'high_risk_rows')}",
+            f"  emails sent:       {self.value('email_reports', 'emails_sent')}",
+        ]
+        lines += [f"  error: {e}" for e in self.errors]
+        return "\n".join(lines)
+
+
+def run_pipeline(
+    *,
+    as_of: datetime | None = None,
+    history_days: int = 30,
+    instance: dg.DagsterInstance | None = None,
+    resources: dict[str, Any] | None = None,
+    log_level: str = "WARNING",
+) -> RunSummary:
+    """Run every asset in-process: the snapshot as of ``as_of`` (default: the start of the
+    current hour) and the ``history_days`` daily partitions that end the day before it."""
+    as_of = floor_to_hour(datetime.now(UTC)) if as_of is None else as_of.astimezone(UTC)
+    last_day = snapshot_day(as_of)
+    start = daily_partitions.start.date()
+    first_day = max(start, last_day - timedelta(days=history_days - 1))
+    assets: list[Any] = list(HOURLY_ASSETS)
+    tags: dict[str, str] = {}
+    days = None
+    if last_day >= start:
+        assets += DAILY_ASSETS
+        days = (first_day.isoformat(), last_day.isoformat())
+        tags = {
+            "dagster/asset_partition_range_start": days[0],
+            "dagster/asset_partition_range_end": days[1],
+        }
+    result = dg.materialize(
+        assets,
+        resources=resources or default_resources(),
+        instance=instance or _instance(),
+        tags=tags,
+        run_config={
+            "ops": {"tutor_scores_current": {"config": {"as_of": as_of.isoformat()}}},
+            "loggers": {"console": {"config": {"log_level": log_level}}},
+        },
+        raise_on_error=False,
+    )
+    summary = RunSummary(success=result.success, as_of=as_of, days=days)
+    for event in result.all_events:
+        if event.is_step_materialization:
+            mat = event.step_materialization_data.materialization
+            summary.metadata[mat.asset_key.to_user_string()] = {
+                k: v.value for k, v in mat.metadata.items()
+            }
+        elif event.is_failure and event.event_specific_data is not None:
+            error = getattr(event.event_specific_data, "error", None)
+            if error is not None:
+                summary.errors.append(f"{event.step_key}: {error.message.strip()}")
+    return summary
+
+
+def _instance() -> dg.DagsterInstance:
+    """The instance DAGSTER_HOME points at, or an in-memory one."""
+    import os
+
+    if os.environ.get("DAGSTER_HOME"):
+        return dg.DagsterInstance.get()
+    return dg.DagsterInstance.ephemeral()

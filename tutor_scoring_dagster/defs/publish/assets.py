@@ -1,0 +1,90 @@
+"""Publish: warehouse scores -> serving store (Postgres / SQLite) through SQLAlchemy."""
+
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+
+from tutor_scoring_dagster.defs.partitions import daily_partitions
+from tutor_scoring_dagster.defs.resources import ServingStoreResource, WarehouseResource
+from tutor_scoring_dagster.defs.scores.assets import tutor_scores_current, tutor_scores_daily
+from tutor_scoring_dagster.paths import load_sql
+from tutor_scoring_dagster.store.publish import PublishStats, publish_current, publish_history
+from tutor_scoring_dagster.warehouse import query_frame
+
+STORE_RETRY = dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL)
+
+
+def publish_metadata(stats: PublishStats) -> dict[str, dg.MetadataValue]:
+    """Rows written and deleted per table."""
+    meta: dict[str, dg.MetadataValue] = {}
+    for table, n in stats.written.items():
+        meta[f"{table}_written"] = dg.MetadataValue.int(n)
+    for table, n in stats.deleted.items():
+        meta[f"{table}_deleted"] = dg.MetadataValue.int(n)
+    return meta
+
+
+@dg.asset(
+    group_name="publish",
+    kinds={"postgres", "sqlalchemy"},
+    deps=[tutor_scores_current],
+    retry_policy=STORE_RETRY,
+    owners=["team:data"],
+)
+def tutor_scores(
+    warehouse: WarehouseResource, serving_store: ServingStoreResource
+) -> dg.MaterializeResult:
+    """The current snapshot in the serving store (`tutor_scores`, one row per tutor), with the
+    `tutors` it names and the recent `sessions` and `reschedules` behind it, published in one
+    transaction. A re-run with the same input changes no row."""
+    with warehouse.connect(read_only=True) as con:
+        scores = query_frame(con, load_sql("tutor_scores_current_select"))
+        as_of = scores.get_column("as_of").max() if scores.height else datetime.now(UTC)
+        horizon = serving_store.horizon()
+        since = (
+            as_of - timedelta(days=horizon)  # type: ignore[operator]
+            if horizon > 0
+            else datetime(1970, 1, 1, tzinfo=UTC)
+        )
+        tutors = query_frame(con, load_sql("tutors_current_select"))
+        sessions = query_frame(con, load_sql("sessions_recent_select"), {"since": since})
+        reschedules = query_frame(con, load_sql("reschedules_recent_select"), {"since": since})
+    with serving_store.engine() as engine:
+        stats = publish_current(
+            engine,
+            tutors=tutors,
+            sessions=sessions,
+            reschedules=reschedules,
+            scores=scores,
+            horizon_start=since if horizon > 0 else None,
+            now=datetime.now(UTC),
+        )
+    return dg.MaterializeResult(metadata=publish_metadata(stats))
+
+
+@dg.asset(
+    group_name="publish",
+    kinds={"postgres", "sqlalchemy"},
+    partitions_def=daily_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    deps=[tutor_scores_daily],
+    retry_policy=STORE_RETRY,
+    owners=["team:data"],
+)
+def tutor_score_history(
+    context: dg.AssetExecutionContext,
+    warehouse: WarehouseResource,
+    serving_store: ServingStoreResource,
+) -> dg.MaterializeResult:
+    """One row per tutor per day in the serving store (`tutor_score_history`), for trends."""
+    window = context.partition_time_window
+    first_day, last_day = window.start.date(), (window.end - timedelta(days=1)).date()
+    with warehouse.connect(read_only=True) as con:
+        scores = query_frame(
+            con,
+            load_sql("tutor_scores_daily_range_select"),
+            {"start": window.start + timedelta(days=1), "end": window.end + timedelta(days=1)},
+        )
+    with serving_store.engine() as engine:
+        stats = publish_history(engine, scores, first_day, last_day, now=datetime.now(UTC))
+    return dg.MaterializeResult(metadata=publish_metadata(stats))

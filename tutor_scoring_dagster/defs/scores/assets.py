@@ -1,0 +1,139 @@
+"""Scores: daily activity, rolling 7/30/90-day rates, daily partitions, hourly snapshot."""
+
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+import polars as pl
+
+from tutor_scoring_dagster.defs.ingest.assets import landing_drops
+from tutor_scoring_dagster.defs.partitions import daily_partitions
+from tutor_scoring_dagster.defs.resources import RiskRuleResource, WarehouseResource
+from tutor_scoring_dagster.scoring import (
+    LOOKBACK_DAYS,
+    floor_to_hour,
+    materialize_daily_activity,
+    score_as_of,
+    score_days,
+)
+from tutor_scoring_dagster.warehouse import replace_rows
+
+
+def _top_risks(scores: pl.DataFrame, limit: int = 10) -> str:
+    high = scores.filter(pl.col("is_high_risk")).sort("reschedule_rate_30d", descending=True)
+    if high.height == 0:
+        return "No high-risk tutors."
+    lines = ["| tutor | 7d | 30d | 90d | sessions 30d |", "|---|---|---|---|---|"]
+    for r in high.head(limit).iter_rows(named=True):
+        rates = [
+            "-" if r[f"reschedule_rate_{w}d"] is None else f"{r[f'reschedule_rate_{w}d']:.0%}"
+            for w in (7, 30, 90)
+        ]
+        lines.append(f"| {r['tutor_id']} | {' | '.join(rates)} | {r['total_sessions_30d']} |")
+    return "\n".join(lines)
+
+
+def score_metadata(scores: pl.DataFrame) -> dict[str, dg.MetadataValue]:
+    """Counts and a preview of the top risks, for the asset page."""
+    return {
+        "tutors_scored": dg.MetadataValue.int(scores.get_column("tutor_id").n_unique()),
+        "rows": dg.MetadataValue.int(scores.height),
+        "high_risk_rows": dg.MetadataValue.int(int(scores.get_column("is_high_risk").sum())),
+        "top_risks": dg.MetadataValue.md(_top_risks(scores)),
+    }
+
+
+@dg.asset(
+    group_name="scores",
+    kinds={"duckdb"},
+    partitions_def=daily_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    pool="warehouse",
+    deps=[landing_drops],
+    owners=["team:data"],
+)
+def tutor_daily_activity(
+    context: dg.AssetExecutionContext, warehouse: WarehouseResource
+) -> dg.MaterializeResult:
+    """Per tutor and day: sessions, sessions the tutor rescheduled, and no-shows (by the
+    original scheduled time), in the warehouse table `tutor_daily_activity`."""
+    window = context.partition_time_window
+    first_day, last_day = window.start.date(), (window.end - timedelta(days=1)).date()
+    with warehouse.connect() as con:
+        rows = materialize_daily_activity(con, first_day, last_day)
+    return dg.MaterializeResult(
+        metadata={
+            "rows": dg.MetadataValue.int(rows),
+            "days": dg.MetadataValue.int((last_day - first_day).days + 1),
+        }
+    )
+
+
+@dg.asset(
+    group_name="scores",
+    kinds={"polars", "duckdb"},
+    partitions_def=daily_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    pool="warehouse",
+    deps=[
+        dg.AssetDep(
+            tutor_daily_activity,
+            # A day's windows read the 90 days (and the trend 7 more) before it.
+            partition_mapping=dg.TimeWindowPartitionMapping(
+                start_offset=-LOOKBACK_DAYS, allow_nonexistent_upstream_partitions=True
+            ),
+        )
+    ],
+    owners=["team:data"],
+)
+def tutor_scores_daily(
+    context: dg.AssetExecutionContext, warehouse: WarehouseResource, risk_rule: RiskRuleResource
+) -> dg.MaterializeResult:
+    """Each tutor's scores as of the end of each day (rolling 7/30/90-day rates, Wilson
+    bounds, risk), validated by the `TutorScores` schema, in the warehouse table
+    `tutor_scores_daily`. A multi-day backfill runs as one vectorized run."""
+    window = context.partition_time_window
+    first_day, last_day = window.start.date(), (window.end - timedelta(days=1)).date()
+    with warehouse.connect() as con:
+        scores = score_days(con, first_day, last_day, risk_rule.rule())
+        replace_rows(
+            con, "tutor_scores_daily", scores, "as_of", window.start + timedelta(days=1), window.end
+        )
+    return dg.MaterializeResult(metadata=score_metadata(scores))
+
+
+class SnapshotConfig(dg.Config):
+    """The instant to score as of (ISO 8601; empty: the start of the current hour)."""
+
+    as_of: str = ""
+
+
+def resolve_as_of(text: str) -> datetime:
+    """The as-of instant of a snapshot run: given, or the start of the current hour."""
+    if not text:
+        return floor_to_hour(datetime.now(UTC))
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+@dg.asset(
+    group_name="scores",
+    kinds={"polars", "duckdb"},
+    pool="warehouse",
+    deps=[landing_drops],
+    owners=["team:data"],
+)
+def tutor_scores_current(
+    context: dg.AssetExecutionContext,
+    config: SnapshotConfig,
+    warehouse: WarehouseResource,
+    risk_rule: RiskRuleResource,
+) -> dg.MaterializeResult:
+    """Every tutor's scores as of one instant (by default the start of the current hour),
+    in the warehouse table `tutor_scores_current`; published hourly to the serving store."""
+    as_of = resolve_as_of(config.as_of)
+    with warehouse.connect() as con:
+        scores = score_as_of(con, as_of, risk_rule.rule())
+        replace_rows(con, "tutor_scores_current", scores)
+    return dg.MaterializeResult(
+        metadata={"as_of": dg.MetadataValue.text(as_of.isoformat()), **score_metadata(scores)}
+    )

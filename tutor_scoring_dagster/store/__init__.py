@@ -1,0 +1,1 @@
+"""The serving store (Postgres, or SQLite by default): tables, migrations, publishing, reads."""

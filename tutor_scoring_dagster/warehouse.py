@@ -1,0 +1,176 @@
+"""The DuckDB warehouse: connecting (one writer at a time) and creating its tables and views."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Final
+
+import duckdb
+import polars as pl
+
+from tutor_scoring_dagster.paths import load_sql
+from tutor_scoring_dagster.schemas import DROP_MODELS, TutorScores, drop_columns
+
+log = logging.getLogger(__name__)
+
+RAW_METADATA_COLUMNS: Final = {
+    "load_id": pl.Int64,
+    "source_file": pl.String,
+    "source_line": pl.Int64,
+    "extra_columns": pl.String,  # unknown columns of the export, as a JSON object
+}
+"""Columns every raw_<entity> table has besides the contract's."""
+
+LOCK_WAIT_S: Final = 120.0
+
+SCORE_TABLES: Final = ("tutor_scores_daily", "tutor_scores_current")
+"""Warehouse tables holding score snapshots (columns: the TutorScores model)."""
+
+
+class WarehouseLockedError(RuntimeError):
+    """Another process held the warehouse for longer than we were willing to wait."""
+
+
+def raw_table(entity: str) -> str:
+    """The raw (append-only history) table of an entity."""
+    if entity not in DROP_MODELS:
+        raise ValueError(f"unknown entity {entity!r}")
+    return f"raw_{entity}"
+
+
+def raw_frame_schema(entity: str) -> dict[str, pl.DataType]:
+    """Columns and types of ``raw_<entity>``: the contract's, then the load metadata."""
+    return {**drop_columns(entity), **RAW_METADATA_COLUMNS}
+
+
+def _is_lock_error(exc: duckdb.Error) -> bool:
+    text = str(exc)
+    return "lock" in text.lower() and ("Conflicting" in text or "Could not set lock" in text)
+
+
+@contextmanager
+def connect(
+    path: Path, *, read_only: bool = False, wait_s: float = LOCK_WAIT_S
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open the warehouse, waiting (with backoff) while another process holds its lock.
+
+    DuckDB allows a single writing process; Dagster's ``warehouse`` pool keeps our own writers
+    in line, and this wait covers everything else (a CLI query, a run outside the pool).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    delay = 0.05
+    while True:
+        try:
+            con = duckdb.connect(str(path), read_only=read_only)
+            break
+        except duckdb.IOException as exc:
+            if not _is_lock_error(exc) or time.monotonic() >= deadline:
+                if _is_lock_error(exc):
+                    raise WarehouseLockedError(
+                        f"the warehouse {path} stayed locked by another process for {wait_s:.0f} s"
+                    ) from exc
+                raise
+            log.info("warehouse %s is locked by another process; retrying in %.2f s", path, delay)
+            time.sleep(delay + random.uniform(0, delay / 2))
+            delay = min(delay * 2, 2.0)
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        yield con
+    finally:
+        con.close()
+
+
+def fetch_one(
+    con: duckdb.DuckDBPyConnection, sql: str, params: list[object] | None = None
+) -> tuple[object, ...] | None:
+    """The first row of a query, or None; the result is read to the end (DuckDB 2 wants that
+    before the connection runs anything else)."""
+    rows = con.execute(sql, params or []).fetchall()
+    return rows[0] if rows else None
+
+
+def query_frame(
+    con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, object] | None = None
+) -> pl.DataFrame:
+    """A query's whole result as a Polars frame."""
+    frame = pl.from_arrow(con.sql(sql, params=params or {}).to_arrow_table())
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+def _score_frame_schema() -> dict[str, pl.DataType]:
+    return {name: col.dtype.type for name, col in TutorScores.to_schema().columns.items()}
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
+    """Create the warehouse's tables and views, adding model columns new since last time."""
+    con.execute(load_sql("warehouse_create"))
+    frames = {raw_table(e): raw_frame_schema(e) for e in DROP_MODELS}
+    frames.update({t: _score_frame_schema() for t in SCORE_TABLES})
+    for table, schema in frames.items():
+        empty = pl.DataFrame(schema=schema)
+        con.register("raw_columns", empty)
+        try:
+            # table comes from a closed set (raw_table), never from input
+            con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM raw_columns")  # noqa: S608
+            existing = {
+                row[0]
+                for row in con.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = ?",
+                    [table],
+                ).fetchall()
+            }
+            for name in empty.columns:
+                if name not in existing:
+                    # The type comes from DuckDB's own mapping of the empty Polars column.
+                    col_type = fetch_one(
+                        con,
+                        "SELECT column_type FROM (DESCRIBE SELECT * FROM raw_columns) "
+                        "WHERE column_name = ?",
+                        [name],
+                    )
+                    assert col_type is not None
+                    con.execute(f'ALTER TABLE {table} ADD COLUMN "{name}" {col_type[0]}')
+        finally:
+            con.unregister("raw_columns")
+    con.execute(load_sql("current_views_create"))
+
+
+def replace_rows(
+    con: duckdb.DuckDBPyConnection,
+    table: str,
+    rows: pl.DataFrame,
+    column: str | None = None,
+    start: object = None,
+    end: object = None,
+) -> None:
+    """Replace a score table's rows (all, or those with ``start <= column < end``) in one
+    transaction."""
+    if table not in SCORE_TABLES:
+        raise ValueError(f"not a score table: {table!r}")
+    con.execute("BEGIN TRANSACTION")
+    try:
+        # Identifiers come from SCORE_TABLES and the TutorScores model, never from input.
+        if column is None:
+            con.execute(f"DELETE FROM {table}")  # noqa: S608
+        else:
+            if column not in rows.columns:
+                raise ValueError(f"unknown column {column!r}")
+            con.execute(
+                f'DELETE FROM {table} WHERE "{column}" >= $start AND "{column}" < $end',  # noqa: S608
+                {"start": start, "end": end},
+            )
+        con.register("incoming_scores", rows)
+        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming_scores")  # noqa: S608
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.unregister("incoming_scores")
