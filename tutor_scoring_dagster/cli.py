@@ -127,6 +127,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sessions_per_day=args.sessions_per_day,
         seed=args.seed,
         end=as_of.date() + timedelta(days=1),
+        ground_truth_path=settings.home / "ground_truth.csv",
     )
     print(
         f"generated {len(generated.files)} drops in {settings.landing_dir}: {generated.tutors} "

@@ -30,7 +30,6 @@ hourly_scoring_job = dg.define_asset_job(
 daily_scores_job = dg.define_asset_job(
     "daily_scores_job",
     selection=dg.AssetSelection.assets(*DAILY_ASSETS),
-    partitions_def=daily_partitions,
     description="Daily activity, the daily score snapshot and its history in the store.",
 )
 

@@ -2,16 +2,31 @@
 
 from datetime import UTC, datetime, timedelta
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import dagster as dg
+import sqlalchemy as sa
 
 from tutor_scoring_dagster.defs.partitions import daily_partitions
 from tutor_scoring_dagster.defs.resources import ServingStoreResource, WarehouseResource
 from tutor_scoring_dagster.defs.scores.assets import tutor_scores_current, tutor_scores_daily
 from tutor_scoring_dagster.paths import load_sql
+from tutor_scoring_dagster.store.errors import explain
 from tutor_scoring_dagster.store.publish import PublishStats, publish_current, publish_history
 from tutor_scoring_dagster.warehouse import query_frame
 
 STORE_RETRY = dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL)
+
+
+@contextmanager
+def store_errors_explained(url: str) -> Iterator[None]:
+    """Fail with one clear line; only an unreachable server is worth Dagster's retries."""
+    try:
+        yield
+    except sa.exc.SQLAlchemyError as exc:
+        problem = explain(exc, url)
+        raise dg.Failure(description=problem.message, allow_retries=problem.retryable) from None
 
 
 def publish_metadata(stats: PublishStats) -> dict[str, dg.MetadataValue]:
@@ -49,7 +64,7 @@ def tutor_scores(
         tutors = query_frame(con, load_sql("tutors_current_select"))
         sessions = query_frame(con, load_sql("sessions_recent_select"), {"since": since})
         reschedules = query_frame(con, load_sql("reschedules_recent_select"), {"since": since})
-    with serving_store.engine() as engine:
+    with store_errors_explained(serving_store.url()), serving_store.engine() as engine:
         stats = publish_current(
             engine,
             tutors=tutors,
@@ -85,6 +100,6 @@ def tutor_score_history(
             load_sql("tutor_scores_daily_range_select"),
             {"start": window.start + timedelta(days=1), "end": window.end + timedelta(days=1)},
         )
-    with serving_store.engine() as engine:
+    with store_errors_explained(serving_store.url()), serving_store.engine() as engine:
         stats = publish_history(engine, scores, first_day, last_day, now=datetime.now(UTC))
     return dg.MaterializeResult(metadata=publish_metadata(stats))
