@@ -33,6 +33,7 @@ def upgrade() -> None:
         sa.Column("covers_as_of", sa.DateTime(timezone=True), nullable=True),
         sa.Column("newest_session_time", sa.DateTime(timezone=True), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
         sa.CheckConstraint(
             "status IN ('pending', 'sent', 'failed')", name=op.f("ck_email_reports_status")

@@ -158,6 +158,7 @@ email_reports = sa.Table(
     sa.Column("covers_as_of", UtcDateTime),
     sa.Column("newest_session_time", UtcDateTime),
     sa.Column("created_at", UtcDateTime, nullable=False),
+    sa.Column("next_attempt_at", UtcDateTime),
     sa.Column("sent_at", UtcDateTime),
     sa.CheckConstraint(_in("status", EMAIL_STATUSES), name="status"),
     sa.Index(None, "status", "created_at"),

@@ -1,9 +1,8 @@
 """Publish: warehouse scores -> serving store (Postgres / SQLite) through SQLAlchemy."""
 
-from datetime import UTC, datetime, timedelta
-
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import sqlalchemy as sa
