@@ -114,8 +114,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from tutor_scoring_dagster.config import load_settings
-    from tutor_scoring_dagster.generate import generate_drops
     from tutor_scoring_dagster.defs.jobs import run_pipeline
+    from tutor_scoring_dagster.generate import generate_drops
     from tutor_scoring_dagster.scoring import floor_to_hour
 
     settings = load_settings()
