@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sessions-per-day", type=_positive, default=150)
     demo.add_argument("--seed", type=int, default=7)
 
+    health = sub.add_parser("health", help="check every part the pipeline depends on")
+    health.add_argument("--json", action="store_true", help="one JSON object per check")
+
     db = sub.add_parser("db", help="serving store migrations")
     db.add_argument("action", choices=("upgrade", "downgrade", "current"))
     db.add_argument("revision", nargs="?", default=None)
@@ -179,7 +182,47 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dagster_check() -> Any:
+    from tutor_scoring_dagster.health import Check
+
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        return Check(
+            "dagster_instance",
+            True,
+            "DAGSTER_HOME not set: `tutor-scoring run` uses a throwaway instance; a deployment "
+            "sets it (README, Deployment)",
+        )
+    try:
+        import dagster as dg
+
+        with dg.DagsterInstance.get() as instance:
+            storage = type(instance.run_storage).__name__
+            runs = instance.get_runs_count()
+    except Exception as exc:  # any failure to open the instance is the finding
+        return Check("dagster_instance", False, f"{home}: {' '.join(str(exc).split())[:300]}")
+    return Check("dagster_instance", True, f"{home}: {storage}, {runs} runs recorded")
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    import json
+
+    from tutor_scoring_dagster.config import load_settings
+    from tutor_scoring_dagster.health import run_checks
+
+    checks = run_checks(load_settings(), dagster_check=_dagster_check)
+    if args.json:
+        for check in checks:
+            print(json.dumps(check.as_dict()))
+    else:
+        width = max(len(c.name) for c in checks)
+        for check in checks:
+            print(f"{'ok ' if check.ok else 'BAD'}  {check.name.ljust(width)}  {check.detail}")
+    return 0 if all(c.ok for c in checks) else 1
+
+
 COMMANDS: dict[str, Any] = {
+    "health": cmd_health,
     "generate": cmd_generate,
     "run": cmd_run,
     "demo": cmd_demo,

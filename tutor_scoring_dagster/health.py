@@ -1,0 +1,167 @@
+"""Health of every part an operator depends on, as one list of checks (``tutor-scoring health``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+import duckdb
+import sqlalchemy as sa
+
+from tutor_scoring_dagster import warehouse
+from tutor_scoring_dagster.config import Settings
+from tutor_scoring_dagster.delivery import make_sender
+from tutor_scoring_dagster.ingest import list_landing
+from tutor_scoring_dagster.scoring import as_utc
+from tutor_scoring_dagster.store import migrate
+from tutor_scoring_dagster.store.errors import explain, safe_url
+from tutor_scoring_dagster.store.publish import create_store_engine
+from tutor_scoring_dagster.store.tables import tutor_scores
+
+FRESHNESS_TARGET: Final = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One part's health: ``ok``, and one line saying what was found or what to do."""
+
+    name: str
+    ok: bool
+    detail: str
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-friendly form."""
+        return asdict(self)
+
+
+def check_landing(settings: Settings) -> Check:
+    """The landing folder exists and is writable; how many files wait in it."""
+    folder = settings.landing_dir
+    if not folder.is_dir():
+        return Check("landing", False, f"{folder} does not exist (TUTOR_SCORING_LANDING_DIR)")
+    if not os.access(folder, os.W_OK):
+        return Check("landing", False, f"{folder} is not writable: ingest cannot move files")
+    waiting = len(list_landing(folder))
+    quarantined = (
+        len(list(settings.quarantine_dir.glob("*.reason.txt")))
+        if settings.quarantine_dir.is_dir()
+        else 0
+    )
+    return Check(
+        "landing", True, f"{folder}: {waiting} file(s) waiting, {quarantined} in quarantine"
+    )
+
+
+def check_warehouse(settings: Settings) -> Check:
+    """The warehouse opens and holds the raw tables."""
+    path = settings.warehouse
+    if not path.exists():
+        return Check("warehouse", False, f"{path} does not exist yet: run the pipeline once")
+    try:
+        with warehouse.connect(path, read_only=True, wait_s=5) as con:
+            row = warehouse.fetch_one(con, "SELECT count(*), max(loaded_at) FROM loaded_files")
+            sessions = warehouse.fetch_one(con, "SELECT count(*) FROM sessions")
+    except (duckdb.Error, warehouse.WarehouseLockedError) as exc:
+        return Check("warehouse", False, f"{path}: {' '.join(str(exc).split())[:200]}")
+    assert row is not None and sessions is not None
+    return Check(
+        "warehouse",
+        True,
+        f"{path}: {row[0]} files loaded (last {_when(row[1])}), {sessions[0]} sessions",
+    )
+
+
+def _when(instant: object) -> str:
+    if not isinstance(instant, datetime):
+        return "never"
+    return f"{as_utc(instant):%Y-%m-%d %H:%M} UTC"
+
+
+def check_store(settings: Settings, now: datetime) -> list[Check]:
+    """The serving store answers, is migrated to this code's head, and its snapshot is fresh."""
+    url = settings.database_url
+    sqlite_file = sa.engine.make_url(url).database if url.startswith("sqlite") else None
+    if sqlite_file and sqlite_file != ":memory:" and not os.path.exists(sqlite_file):
+        return [
+            Check(
+                "serving_store",
+                False,
+                f"{safe_url(url)} does not exist yet: run the "
+                "pipeline once (or `tutor-scoring db upgrade`)",
+            )
+        ]
+    engine = create_store_engine(url)
+    try:
+        current = migrate.current_revision(engine)
+        head = migrate.head_revision()
+        if current != head:
+            store = Check(
+                "serving_store",
+                False,
+                f"{safe_url(url)} is at migration {current or 'none'}, the code at {head}: "
+                "run `tutor-scoring db upgrade`",
+            )
+            return [store]
+        store = Check("serving_store", True, f"{safe_url(url)} at migration {current}")
+        with engine.connect() as conn:
+            as_of = conn.execute(sa.select(sa.func.max(tutor_scores.c.as_of))).scalar()
+    except sa.exc.SQLAlchemyError as exc:
+        return [Check("serving_store", False, explain(exc, url).message)]
+    finally:
+        engine.dispose()
+    if as_of is None:
+        return [store, Check("snapshot", False, "no current snapshot published yet")]
+    age = now - as_utc(as_of)
+    fresh = age <= FRESHNESS_TARGET
+    detail = (
+        f"current snapshot as of {as_utc(as_of):%Y-%m-%d %H:%M} UTC is "
+        f"{age.total_seconds() / 60:.0f} min old (target: under 60 min)"
+    )
+    return [store, Check("snapshot", fresh, detail)]
+
+
+def check_email(settings: Settings) -> Check:
+    """The email backend is configured well enough to build a sender."""
+    try:
+        sender = make_sender(
+            settings.email_service,
+            outbox_dir=settings.outbox_dir,
+            smtp_host=settings.smtp_host,
+            smtp_port=settings.smtp_port,
+            smtp_username=settings.smtp_username,
+            smtp_password=settings.smtp_password,
+            smtp_starttls=settings.smtp_starttls,
+            sendgrid_api_key=settings.sendgrid_api_key,
+            sendgrid_host=settings.sendgrid_host,
+        )
+    except ValueError as exc:
+        return Check("email", False, str(exc))
+    if not settings.admin_emails:
+        return Check("email", False, "ADMIN_EMAIL is empty: reports have no recipient")
+    where = {
+        "outbox": f"writes .eml files to {settings.outbox_dir}",
+        "smtp": f"sends through {settings.smtp_host}:{settings.smtp_port}",
+        "sendgrid": f"sends through SendGrid at {settings.sendgrid_host}",
+    }.get(sender.name, sender.name)
+    return Check(
+        "email", True, f"{settings.email_service} {where} to {', '.join(settings.admin_emails)}"
+    )
+
+
+def run_checks(
+    settings: Settings,
+    *,
+    dagster_check: Callable[[], Check] | None = None,
+    now: datetime | None = None,
+) -> list[Check]:
+    """Every check, in the order of the data flow."""
+    now = now or datetime.now(UTC)
+    checks = [check_landing(settings), check_warehouse(settings)]
+    checks += check_store(settings, now)
+    if dagster_check is not None:
+        checks.append(dagster_check())
+    checks.append(check_email(settings))
+    return checks
