@@ -10,7 +10,12 @@ CREATE TABLE IF NOT EXISTS loaded_files (
     loaded_at      TIMESTAMPTZ NOT NULL,
     rows_read      BIGINT NOT NULL,
     rows_loaded    BIGINT NOT NULL,
-    rows_rejected  BIGINT NOT NULL
+    rows_rejected  BIGINT NOT NULL,
+    -- The range of scheduled times the load touched (sessions: scheduled_time; reschedules:
+    -- original_time; NULL for tutors), so a late-data check can tell which days to redo.
+    -- Warehouses older than these columns get them from loaded_files_add_columns.sql.
+    min_scheduled_time  TIMESTAMPTZ,
+    max_scheduled_time  TIMESTAMPTZ
 );
 
 CREATE TABLE IF NOT EXISTS quarantined_files (

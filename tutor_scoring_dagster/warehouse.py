@@ -18,11 +18,11 @@ from tutor_scoring_dagster.schemas import DROP_MODELS, TutorScores, drop_columns
 
 log = logging.getLogger(__name__)
 
-RAW_METADATA_COLUMNS: Final = {
-    "load_id": pl.Int64,
-    "source_file": pl.String,
-    "source_line": pl.Int64,
-    "extra_columns": pl.String,  # unknown columns of the export, as a JSON object
+RAW_METADATA_COLUMNS: Final[dict[str, pl.DataType]] = {
+    "load_id": pl.Int64(),
+    "source_file": pl.String(),
+    "source_line": pl.Int64(),
+    "extra_columns": pl.String(),  # unknown columns of the export, as a JSON object
 }
 """Columns every raw_<entity> table has besides the contract's."""
 
@@ -81,6 +81,8 @@ def connect(
             delay = min(delay * 2, 2.0)
     try:
         con.execute("SET TimeZone = 'UTC'")
+        # A bar drawn on stderr by every long statement would flood run logs.
+        con.execute("SET enable_progress_bar = false")
         yield con
     finally:
         con.close()
@@ -111,6 +113,7 @@ def _score_frame_schema() -> dict[str, pl.DataType]:
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     """Create the warehouse's tables and views, adding model columns new since last time."""
     con.execute(load_sql("warehouse_create"))
+    con.execute(load_sql("loaded_files_add_columns"))
     frames = {raw_table(e): raw_frame_schema(e) for e in DROP_MODELS}
     frames.update({t: _score_frame_schema() for t in SCORE_TABLES})
     for table, schema in frames.items():

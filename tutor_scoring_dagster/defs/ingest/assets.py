@@ -1,6 +1,9 @@
 """Ingest: landing drops -> DuckDB warehouse."""
 
+from pathlib import Path
+
 import dagster as dg
+from pydantic import Field
 
 from tutor_scoring_dagster.defs.resources import LandingResource, WarehouseResource
 from tutor_scoring_dagster.ingest import IngestReport, ingest_landing
@@ -9,7 +12,16 @@ from tutor_scoring_dagster.ingest import IngestReport, ingest_landing
 class IngestConfig(dg.Config):
     """Which landing files to ingest (empty: every file waiting in the landing folder)."""
 
-    paths: list[str] = []
+    paths: list[str] = Field(
+        default=[],
+        description="Files directly inside the landing folder (relative paths are taken "
+        "relative to it); any other path is skipped and logged, never read or moved.",
+    )
+    min_age_seconds: int = Field(
+        default=0,
+        description="With no paths: leave files modified more recently than this for later "
+        "(a guard against loading a file the platform is still writing).",
+    )
 
 
 def ingest_metadata(report: IngestReport) -> dict[str, dg.MetadataValue]:
@@ -25,6 +37,7 @@ def ingest_metadata(report: IngestReport) -> dict[str, dg.MetadataValue]:
         "files_loaded": dg.MetadataValue.int(report.count("loaded")),
         "files_quarantined": dg.MetadataValue.int(report.count("quarantined")),
         "files_duplicate": dg.MetadataValue.int(report.count("duplicate")),
+        "files_skipped": dg.MetadataValue.int(report.count("skipped")),
         "rows_loaded": dg.MetadataValue.int(report.rows_loaded),
         "rows_rejected": dg.MetadataValue.int(report.rows_rejected),
         "files": dg.MetadataValue.md("\n".join(lines) if report.files else "No new files."),
@@ -48,10 +61,9 @@ def landing_drops(
 
     Each file is validated row by row (Pandera, all failures at once); valid rows load in one
     transaction with the file's rejected rows, then the file moves to the archive. A file with
-    nothing loadable moves to quarantine with a `.reason.txt`.
+    nothing loadable, or a symbolic link, moves to quarantine with a `.reason.txt`. A requested
+    path outside the landing folder is skipped with a warning.
     """
-    from pathlib import Path
-
     with warehouse.connect() as con:
         report = ingest_landing(
             con,
@@ -59,8 +71,16 @@ def landing_drops(
             archive_dir=landing.archive(),
             quarantine_dir=landing.quarantine(),
             paths=[Path(p) for p in config.paths] or None,
+            min_age_s=config.min_age_seconds,
         )
     for f in report.files:
         if f.outcome == "quarantined":
             context.log.warning(f"quarantined {f.file_name}: {f.reason}")
+        elif f.outcome == "skipped":
+            context.log.warning(f"skipped {f.file_name}: {f.reason}")
+        else:
+            context.log.info(
+                f"{f.outcome} {f.file_name}: {f.rows_loaded} of {f.rows_read} rows loaded, "
+                f"{f.rows_rejected} rejected"
+            )
     return dg.MaterializeResult(metadata=ingest_metadata(report))
