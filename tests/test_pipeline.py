@@ -243,7 +243,7 @@ def test_cli_run_prints_a_summary_and_fails_loudly(home: Settings, tmp_path: Pat
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "files loaded:      3 (1 quarantined, 0 duplicates)" in done.stdout
+    assert "files loaded:      3 (1 quarantined, 0 duplicates, 0 skipped)" in done.stdout
     assert "tutors scored:     4" in done.stdout
     assert "high-risk tutors:  2" in done.stdout
     assert "emails sent:       1" in done.stdout

@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--format", choices=("csv", "parquet"), default="csv")
     gen.add_argument("--drops-per-day", type=_positive, default=4)
     gen.add_argument("--defects", type=float, default=0.0, help="fraction of defective rows")
+    gen.add_argument(
+        "--ground-truth",
+        type=Path,
+        default=None,
+        help="where to write ground_truth.csv (default: beside --out, so that a landing "
+        "folder holds drops only)",
+    )
 
     run = sub.add_parser("run", help="one in-process Dagster run of the whole pipeline")
     run.add_argument(
@@ -98,6 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         fmt=args.format,
         drops_per_day=args.drops_per_day,
         defects=args.defects,
+        ground_truth_path=args.ground_truth or args.out.parent / "ground_truth.csv",
     )
     print(
         f"wrote {len(result.files)} files to {args.out}: {result.tutors} tutors, "

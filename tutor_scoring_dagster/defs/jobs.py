@@ -25,6 +25,9 @@ hourly_scoring_job = dg.define_asset_job(
     "hourly_scoring_job",
     selection=dg.AssetSelection.assets(*HOURLY_ASSETS),
     description="Ingest new drops, score as of the start of the hour, publish, send reports.",
+    # The sensor hands over files once they stop changing; the hourly sweep only takes
+    # files untouched for two minutes, so it never loads one the platform is still writing.
+    config={"ops": {"landing_drops": {"config": {"min_age_seconds": 120}}}},
 )
 
 daily_scores_job = dg.define_asset_job(
@@ -68,7 +71,8 @@ class RunSummary:
             + (f", daily partitions {self.days[0]}..{self.days[1]}" if self.days else ""),
             f"  files loaded:      {self.value('landing_drops', 'files_loaded')}"
             f" ({self.value('landing_drops', 'files_quarantined')} quarantined,"
-            f" {self.value('landing_drops', 'files_duplicate')} duplicates)",
+            f" {self.value('landing_drops', 'files_duplicate')} duplicates,"
+            f" {self.value('landing_drops', 'files_skipped')} skipped)",
             f"  rows rejected:     {self.value('landing_drops', 'rows_rejected')}",
             f"  tutors scored:     {self.value('tutor_scores_current', 'tutors_scored')}",
             f"  high-risk tutors:  {self.value('tutor_scores_current', 'high_risk_rows')}",
