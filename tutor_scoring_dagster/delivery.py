@@ -24,7 +24,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
-from email.policy import default as _MIME_POLICY
+from email.policy import EmailPolicy
 from email.utils import format_datetime, parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -46,6 +46,32 @@ DEFAULT_SENDGRID_HOST: Final = "https://api.sendgrid.com"
 EMAIL_SERVICES: Final = ("outbox", "smtp", "sendgrid")
 
 _LINE_BREAK = re.compile(r"[\r\n]")
+
+
+class _SubjectOnOneLine(EmailPolicy):
+    """The default policy, except that an ASCII Subject is never folded.
+
+    CPython's folder can move a whole long Subject onto a continuation line, which parsers
+    then return with a leading space. RFC 5322 allows 998 characters on a line; every other
+    header, non-ASCII subjects (RFC 2047 words must stay short) and the bodies keep to 78.
+    """
+
+    def _wide(self, name: str, value: Any) -> bool:
+        return name.lower() == "subject" and str(value).isascii()
+
+    def fold(self, name: str, value: Any) -> str:
+        if self._wide(name, value):
+            return super(_SubjectOnOneLine, self.clone(max_line_length=998)).fold(name, value)
+        return super().fold(name, value)
+
+    def fold_binary(self, name: str, value: Any) -> bytes:
+        if self._wide(name, value):
+            wide = self.clone(max_line_length=998)
+            return super(_SubjectOnOneLine, wide).fold_binary(name, value)
+        return super().fold_binary(name, value)
+
+
+_HEADER_POLICY: Final = _SubjectOnOneLine()
 
 
 @dataclass(frozen=True)
@@ -128,7 +154,7 @@ def to_mime(email: OutgoingEmail, *, date: datetime | None = None) -> EmailMessa
 
     ``date`` defaults to now (UTC).
     """
-    msg = EmailMessage(policy=_MIME_POLICY)
+    msg = EmailMessage(policy=_HEADER_POLICY)
     msg["Subject"] = email.subject
     msg["From"] = email.sender
     msg["To"] = ", ".join(email.recipients)
