@@ -65,6 +65,19 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("SMTP_STARTTLS", "false", "Upgrade the SMTP connection with STARTTLS."),
     Setting("SENDGRID_API_KEY", None, "SendGrid API key (EMAIL_SERVICE=sendgrid).", secret=True),
     Setting("SENDGRID_HOST", "https://api.sendgrid.com", "SendGrid API base URL."),
+    # Read by reports.ReportSettings.from_env (listed here so this table stays complete).
+    Setting("DIGEST_WHEN_NOTHING_NEW", "false", "Send a digest for every snapshot, even quiet."),
+    Setting("TUTOR_ALERTS", "true", "An alert per tutor who newly crosses the risk rule."),
+    Setting("PER_SESSION_REPORTS", "false", "Batched per-session reports (the old system's)."),
+    Setting("SESSION_REPORT_BATCH_SIZE", "200", "About how many sessions per session report."),
+    Setting("DIGEST_MAX_ROWS", "50", "Tutors listed per digest section (the rest counted)."),
+    Setting("EMAIL_MAX_ATTEMPTS", "8", "Attempts per report key (each up to 3 sends)."),
+    Setting(
+        "EMAIL_PENDING_LEASE_MINUTES",
+        "10",
+        "A claimed report never recorded as sent after this long is resent (same Message-ID).",
+    ),
+    Setting("REPORT_LATENCY_TARGET_MINUTES", "60", "p95 session-to-email latency allowed."),
 )
 
 

@@ -77,6 +77,9 @@ class RunSummary:
             f"  tutors scored:     {self.value('tutor_scores_current', 'tutors_scored')}",
             f"  high-risk tutors:  {self.value('tutor_scores_current', 'high_risk_rows')}",
             f"  emails sent:       {self.value('email_reports', 'emails_sent')}",
+            "  email latency p95: "
+            f"{self.value('email_reports', 'latency_p95_minutes_last_day', 'n/a')} min"
+            " (session to delivery, last day)",
         ]
         lines += [f"  error: {e}" for e in self.errors]
         return "\n".join(lines)
