@@ -1,11 +1,17 @@
-"""One clear line for each way the serving store can be out of reach."""
+"""One clear line for each way the serving store can be out of reach or out of step."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Final
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
+
+UPGRADE_HINT: Final = "run `tutor-scoring db upgrade`"
+BAD_CREDENTIALS: Final = ("password authentication failed", "no password supplied")
+_UNKNOWN_ROLE: Final = re.compile(r'role ".*" does not exist')
 
 
 @dataclass(frozen=True)
@@ -16,7 +22,19 @@ class StoreProblem:
     retryable: bool
 
 
-def safe_url(url: str) -> str:
+class StoreSchemaError(RuntimeError):
+    """The store's schema is not the one this code was written for."""
+
+
+class SchemaBehindError(StoreSchemaError):
+    """The store is at an older migration than this code needs, and upgrading is left to people."""
+
+
+class SchemaAheadError(StoreSchemaError):
+    """The store is at a migration this code does not know: newer code migrated it."""
+
+
+def safe_url(url: str | sa.URL) -> str:
     """``url`` with its password hidden."""
     try:
         return make_url(url).render_as_string(hide_password=True)
@@ -24,32 +42,52 @@ def safe_url(url: str) -> str:
         return "<unparseable DATABASE_URL>"
 
 
-def explain(exc: BaseException, url: str) -> StoreProblem:
-    """Turn a driver/SQLAlchemy error into one line for people (never with the password)."""
+def explain(exc: BaseException, url: str | sa.URL) -> StoreProblem:
+    """Turn a driver, SQLAlchemy or schema error into one line for people (never a password)."""
     where = safe_url(url)
-    text = " ".join(str(getattr(exc, "orig", None) or exc).split()).lower()
+    if isinstance(exc, StoreSchemaError):
+        return StoreProblem(str(exc), retryable=False)
+    text = " ".join(str(getattr(exc, "orig", None) or exc).split())
+    lowered = text.lower()
     if isinstance(exc, sa.exc.ArgumentError | sa.exc.NoSuchModuleError):
         return StoreProblem(
             f"DATABASE_URL is not a usable SQLAlchemy URL ({where}); expected e.g. "
             "postgresql+psycopg://user:password@host:5432/db or sqlite:///path/scores.sqlite",
             retryable=False,
         )
-    if "password authentication failed" in text or ("role" in text and "does not exist" in text):
+    if any(s in lowered for s in BAD_CREDENTIALS) or _UNKNOWN_ROLE.search(lowered):
         return StoreProblem(
             f"the serving store at {where} refused the credentials; check the user and "
             "password in DATABASE_URL",
             retryable=False,
         )
-    if "database" in text and "does not exist" in text:
+    if "database" in lowered and "does not exist" in lowered:
         return StoreProblem(
             f"the database named in DATABASE_URL does not exist on {where}; create it "
             "(createdb) or fix the URL",
             retryable=False,
         )
+    if "permission denied" in lowered:
+        return StoreProblem(
+            f"the user in DATABASE_URL lacks a privilege on {where} ({text[:200]}); grant it "
+            "or use the store's owner",
+            retryable=False,
+        )
+    if "unable to open database file" in lowered:
+        return StoreProblem(
+            f"cannot open the SQLite file of {where}; check that its folder exists and is "
+            "writable, or fix DATABASE_URL",
+            retryable=False,
+        )
+    if "database is locked" in lowered:
+        return StoreProblem(
+            f"the SQLite file of {where} stayed locked by another writer; retry once it is done",
+            retryable=True,
+        )
     if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | ConnectionError):
         return StoreProblem(
-            f"cannot reach the serving store at {where} (is the server running and the host "
-            "and port right?); the run retries with backoff",
+            f"cannot reach the serving store at {where}; check that the server is running and "
+            "that the host and port in DATABASE_URL are right",
             retryable=True,
         )
     return StoreProblem(f"serving store error at {where}: {text[:300]}", retryable=False)

@@ -6,7 +6,7 @@ column here (and, through an Alembic migration, in the database) without a secon
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import polars as pl
 import sqlalchemy as sa
@@ -15,6 +15,7 @@ from tutor_scoring_dagster.schemas import (
     INITIATORS,
     RISK_STATUSES,
     SESSION_STATUSES,
+    WINDOWS_DAYS,
     TutorScores,
 )
 
@@ -37,7 +38,7 @@ def _in(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({quoted})"
 
 
-def _sa_type(dtype: pl.DataType) -> sa.types.TypeEngine[object]:
+def _sa_type(dtype: pl.DataType) -> sa.types.TypeEngine[Any]:
     if isinstance(dtype, pl.Datetime):
         return UtcDateTime
     for polars_type, sa_type in (
@@ -51,7 +52,7 @@ def _sa_type(dtype: pl.DataType) -> sa.types.TypeEngine[object]:
     raise TypeError(f"no SQL type for {dtype}")
 
 
-def _score_columns() -> list[sa.Column[object]]:
+def _score_columns() -> list[sa.Column[Any]]:
     """Every TutorScores column except ``tutor_id`` and ``as_of`` (the tables' keys)."""
     columns = []
     for name, col in TutorScores.to_schema().columns.items():
@@ -65,7 +66,16 @@ def _score_checks() -> list[sa.CheckConstraint]:
     checks = [
         sa.CheckConstraint(_in("risk_status", RISK_STATUSES), name="risk_status"),
         sa.CheckConstraint("risk_threshold >= 0 AND risk_threshold <= 1", name="risk_threshold"),
+        sa.CheckConstraint("min_sessions >= 1", name="min_sessions"),
     ]
+    for w in WINDOWS_DAYS:
+        total, moved, missed = f"total_sessions_{w}d", f"tutor_reschedules_{w}d", f"no_shows_{w}d"
+        checks.append(
+            sa.CheckConstraint(
+                f"{moved} >= 0 AND {missed} >= 0 AND {moved} <= {total} AND {missed} <= {total}",
+                name=f"counts_{w}d",
+            )
+        )
     for name in TutorScores.to_schema().columns:
         if "_rate_" in name and not name.endswith("change_7d"):
             checks.append(
@@ -101,7 +111,9 @@ sessions = sa.Table(
     sa.Column("updated_at", UtcDateTime, nullable=False),
     sa.CheckConstraint(_in("status", SESSION_STATUSES), name="status"),
     sa.CheckConstraint("duration_minutes IS NULL OR duration_minutes >= 0", name="duration"),
-    sa.Index(None, "tutor_id", "scheduled_time"),
+    sa.Index(None, "tutor_id", "scheduled_time"),  # one tutor's sessions (reads.tutor_*)
+    sa.Index(None, "scheduled_time"),  # the newest session (reports)
+    sa.Index(None, "updated_at"),  # what a publish wrote since a report (reports)
 )
 
 reschedules = sa.Table(
@@ -118,6 +130,7 @@ reschedules = sa.Table(
     sa.Column("created_at", UtcDateTime),
     sa.Column("updated_at", UtcDateTime, nullable=False),
     sa.CheckConstraint(_in("initiator", INITIATORS), name="initiator"),
+    sa.Index(None, "updated_at"),  # what a publish wrote since a report (reports)
 )
 
 tutor_scores = sa.Table(
@@ -128,7 +141,7 @@ tutor_scores = sa.Table(
     *_score_columns(),
     sa.Column("last_calculated_at", UtcDateTime, nullable=False),
     *_score_checks(),
-    sa.Index(None, "risk_status", "tutor_id"),
+    sa.Index(None, "risk_status", "tutor_id"),  # reads.list_tutors(risk_status=...)
 )
 
 tutor_score_history = sa.Table(
@@ -140,7 +153,7 @@ tutor_score_history = sa.Table(
     *_score_columns(),
     sa.Column("last_calculated_at", UtcDateTime, nullable=False),
     *_score_checks(),
-    sa.Index(None, "score_date"),
+    sa.Index(None, "score_date"),  # a day range, replaced by publish_history
 )
 
 email_reports = sa.Table(

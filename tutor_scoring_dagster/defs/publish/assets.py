@@ -11,8 +11,13 @@ from tutor_scoring_dagster.defs.partitions import daily_partitions
 from tutor_scoring_dagster.defs.resources import ServingStoreResource, WarehouseResource
 from tutor_scoring_dagster.defs.scores.assets import tutor_scores_current, tutor_scores_daily
 from tutor_scoring_dagster.paths import load_sql
-from tutor_scoring_dagster.store.errors import explain
-from tutor_scoring_dagster.store.publish import PublishStats, publish_current, publish_history
+from tutor_scoring_dagster.store.errors import StoreSchemaError, explain
+from tutor_scoring_dagster.store.publish import (
+    PublishStats,
+    horizon_start,
+    publish_current,
+    publish_history,
+)
 from tutor_scoring_dagster.warehouse import query_frame
 
 STORE_RETRY = dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL)
@@ -23,18 +28,25 @@ def store_errors_explained(url: str) -> Iterator[None]:
     """Fail with one clear line; only an unreachable server is worth Dagster's retries."""
     try:
         yield
-    except sa.exc.SQLAlchemyError as exc:
+    except (sa.exc.SQLAlchemyError, StoreSchemaError) as exc:
         problem = explain(exc, url)
-        raise dg.Failure(description=problem.message, allow_retries=problem.retryable) from None
+        retry = " (Dagster retries this step with backoff)" if problem.retryable else ""
+        raise dg.Failure(
+            description=problem.message + retry, allow_retries=problem.retryable
+        ) from None
 
 
 def publish_metadata(stats: PublishStats) -> dict[str, dg.MetadataValue]:
-    """Rows written and deleted per table."""
+    """Per table: rows offered, written (new or changed) and deleted; and how long it took."""
     meta: dict[str, dg.MetadataValue] = {}
-    for table, n in stats.written.items():
-        meta[f"{table}_written"] = dg.MetadataValue.int(n)
-    for table, n in stats.deleted.items():
-        meta[f"{table}_deleted"] = dg.MetadataValue.int(n)
+    for kind, counts in (
+        ("rows", stats.staged),
+        ("written", stats.written),
+        ("deleted", stats.deleted),
+    ):
+        for table, n in counts.items():
+            meta[f"{table}_{kind}"] = dg.MetadataValue.int(n)
+    meta["publish_seconds"] = dg.MetadataValue.float(round(stats.seconds, 3))
     return meta
 
 
@@ -49,17 +61,13 @@ def tutor_scores(
     warehouse: WarehouseResource, serving_store: ServingStoreResource
 ) -> dg.MaterializeResult:
     """The current snapshot in the serving store (`tutor_scores`, one row per tutor), with the
-    `tutors` it names and the recent `sessions` and `reschedules` behind it, published in one
-    transaction. A re-run with the same input changes no row."""
+    `tutors` it names and the `sessions` and `reschedules` of the last SERVING_HORIZON_DAYS
+    (0: all) behind it, published in one transaction. Only new and changed rows are written
+    (the metadata counts them); a re-run with the same input changes no row."""
     with warehouse.connect(read_only=True) as con:
         scores = query_frame(con, load_sql("tutor_scores_current_select"))
-        as_of = scores.get_column("as_of").max() if scores.height else datetime.now(UTC)
-        horizon = serving_store.horizon()
-        since = (
-            as_of - timedelta(days=horizon)  # type: ignore[operator]
-            if horizon > 0
-            else datetime(1970, 1, 1, tzinfo=UTC)
-        )
+        start = horizon_start(scores, serving_store.horizon(), now=datetime.now(UTC))
+        since = start or datetime(1970, 1, 1, tzinfo=UTC)
         tutors = query_frame(con, load_sql("tutors_current_select"))
         sessions = query_frame(con, load_sql("sessions_recent_select"), {"since": since})
         reschedules = query_frame(con, load_sql("reschedules_recent_select"), {"since": since})
@@ -70,7 +78,7 @@ def tutor_scores(
             sessions=sessions,
             reschedules=reschedules,
             scores=scores,
-            horizon_start=since if horizon > 0 else None,
+            horizon_start=start,
             now=datetime.now(UTC),
         )
     return dg.MaterializeResult(metadata=publish_metadata(stats))
@@ -90,7 +98,8 @@ def tutor_score_history(
     warehouse: WarehouseResource,
     serving_store: ServingStoreResource,
 ) -> dg.MaterializeResult:
-    """One row per tutor per day in the serving store (`tutor_score_history`), for trends."""
+    """One row per tutor per day in the serving store (`tutor_score_history`), for trends; the
+    days of the partitions run are replaced as a whole, with the `tutors` they name."""
     window = context.partition_time_window
     first_day, last_day = window.start.date(), (window.end - timedelta(days=1)).date()
     with warehouse.connect(read_only=True) as con:
@@ -99,6 +108,9 @@ def tutor_score_history(
             load_sql("tutor_scores_daily_range_select"),
             {"start": window.start + timedelta(days=1), "end": window.end + timedelta(days=1)},
         )
+        tutors = query_frame(con, load_sql("tutors_current_select"))
     with store_errors_explained(serving_store.url()), serving_store.engine() as engine:
-        stats = publish_history(engine, scores, first_day, last_day, now=datetime.now(UTC))
+        stats = publish_history(
+            engine, scores, first_day, last_day, now=datetime.now(UTC), tutors=tutors
+        )
     return dg.MaterializeResult(metadata=publish_metadata(stats))

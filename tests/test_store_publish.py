@@ -1,0 +1,283 @@
+"""Publishing to the serving store, on SQLite and a throwaway Postgres database: idempotent,
+only changed rows written, all or nothing, one publish at a time, and the serving horizon."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import polars as pl
+import pytest
+import sqlalchemy as sa
+import test_store_frames as f
+
+from tutor_scoring_dagster.store import publish as p
+from tutor_scoring_dagster.store import tables as t
+from tutor_scoring_dagster.store.publish import (
+    create_store_engine,
+    horizon_start,
+    publish_current,
+    publish_history,
+)
+
+NOW = datetime(2026, 3, 1, 0, 5, tzinfo=UTC)
+STAMPS = {"updated_at", "last_calculated_at"}
+TABLES = (t.tutors, t.sessions, t.reschedules, t.tutor_scores, t.tutor_score_history)
+
+
+@pytest.fixture
+def engine(store_url: str) -> Iterator[sa.Engine]:
+    engine = create_store_engine(store_url)
+    yield engine
+    engine.dispose()
+
+
+def utc(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive UTC datetimes."""
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+def dump(engine: sa.Engine, *, stamps: bool = True) -> dict[str, list[dict[str, Any]]]:
+    """Every published row, in key order."""
+    out = {}
+    with engine.connect() as conn:
+        for table in TABLES:
+            rows = conn.execute(sa.select(table).order_by(*table.primary_key.columns)).mappings()
+            out[table.name] = [
+                {k: v for k, v in row.items() if stamps or k not in STAMPS} for row in rows
+            ]
+    return out
+
+
+def snapshot(n_sessions: int = 300, n_tutors: int = 12, *, shift: int = 0) -> dict[str, Any]:
+    sessions = f.sessions(n_sessions, n_tutors)
+    return {
+        "tutors": f.tutors(n_tutors),
+        "sessions": sessions,
+        "reschedules": f.reschedules(sessions),
+        "scores": f.scores(n_tutors, shift=shift),
+    }
+
+
+def publish(
+    engine: sa.Engine, data: dict[str, Any], now: datetime = NOW, **kw: Any
+) -> p.PublishStats:
+    return publish_current(
+        engine, **data, horizon_start=kw.pop("horizon_start", None), now=now, **kw
+    )
+
+
+def test_republishing_the_same_input_writes_nothing(engine: sa.Engine) -> None:
+    data = snapshot()
+    first = publish(engine, data)
+    assert first.written == {
+        "tutors": 12,
+        "sessions": 300,
+        "reschedules": data["reschedules"].height,
+        "tutor_scores": 12,
+    }
+    assert first.staged == first.written
+    before = dump(engine)
+
+    again = publish(engine, data, now=NOW + timedelta(hours=1))
+    assert set(again.written.values()) == {0} and set(again.deleted.values()) == {0}
+    assert dump(engine) == before  # row for row, updated_at / last_calculated_at included
+
+
+def test_only_new_and_changed_rows_are_written_and_stamped(engine: sa.Engine) -> None:
+    data = snapshot()
+    publish(engine, data)
+    later = NOW + timedelta(hours=1)
+    changed = {
+        **data,
+        "sessions": data["sessions"].with_columns(
+            status=pl.when(pl.col("session_id") == "S1").then(pl.lit("no_show")).otherwise("status")
+        ),
+        "scores": data["scores"].with_columns(
+            min_sessions=pl.when(pl.col("tutor_id") == "T00003").then(7).otherwise("min_sessions")
+        ),
+    }
+    stats = publish(engine, changed, now=later)
+    assert stats.written == {"tutors": 0, "sessions": 1, "reschedules": 0, "tutor_scores": 1}
+    stored = dump(engine)
+    stamped = {
+        (table, row.get("session_id") or row["tutor_id"])
+        for table, rows in stored.items()
+        for row in rows
+        if any(utc(row.get(s)) == later for s in STAMPS)
+    }
+    assert stamped == {("sessions", "S1"), ("tutor_scores", "T00003")}
+
+
+def test_a_failed_publish_leaves_the_store_as_it_was(engine: sa.Engine) -> None:
+    publish(engine, snapshot())
+    before = dump(engine)
+    bad = snapshot(n_sessions=400, shift=3)
+    # The last score row breaks a check constraint: sessions, written before it, roll back too.
+    bad["scores"] = bad["scores"].with_columns(
+        reschedule_rate_7d=pl.when(pl.col("tutor_id") == "T00011")
+        .then(2.0)
+        .otherwise("reschedule_rate_7d")
+    )
+    with pytest.raises(sa.exc.IntegrityError, match="reschedule_rate_7d"):
+        publish(engine, bad, now=NOW + timedelta(hours=1))
+    assert dump(engine) == before
+
+
+def test_a_publish_that_dies_after_its_writes_leaves_the_store_as_it_was(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publish(engine, snapshot())
+    before = dump(engine)
+
+    def die(*_args: Any) -> int:
+        raise RuntimeError("killed between the upserts and the deletes")
+
+    monkeypatch.setattr(p, "_delete_unstaged", die)
+    with pytest.raises(RuntimeError, match="killed"):
+        publish(engine, snapshot(n_sessions=200, shift=5), now=NOW + timedelta(hours=1))
+    assert dump(engine) == before
+
+
+def test_concurrent_publishes_take_turns(engine: sa.Engine) -> None:
+    a, b = snapshot(2_000, 30), snapshot(1_500, 25, shift=2)
+    expected = []
+    for data in (a, b):
+        publish(engine, data)
+        expected.append(dump(engine, stamps=False))
+    assert expected[0] != expected[1]
+
+    errors: list[BaseException] = []
+
+    def run(data: dict[str, Any]) -> None:
+        try:
+            publish(engine, data, now=NOW + timedelta(hours=1))
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    for _round in range(2):
+        threads = [threading.Thread(target=run, args=(d,)) for d in (a, b, a, b)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        assert dump(engine, stamps=False) in expected  # one snapshot entirely, never a mix
+
+
+def test_the_serving_horizon_keeps_recent_sessions_and_their_reschedules(
+    engine: sa.Engine,
+) -> None:
+    data = snapshot(600, 10)
+    sessions, reschedules = data["sessions"], data["reschedules"]
+
+    def stored_ids(table: sa.Table) -> set[str]:
+        with engine.connect() as conn:
+            return set(conn.execute(sa.select(table.c.session_id)).scalars())
+
+    def expected(since: datetime) -> set[str]:
+        return set(sessions.filter(pl.col("scheduled_time") >= since)["session_id"])
+
+    publish(engine, data)  # no horizon: all of them
+    assert stored_ids(t.sessions) == set(sessions["session_id"])
+    assert stored_ids(t.reschedules) == set(reschedules["session_id"])
+
+    for days in (120, 30):
+        start = horizon_start(data["scores"], days, now=NOW)
+        assert start == f.AS_OF - timedelta(days=days)
+        stats = publish(engine, data, horizon_start=start)
+        kept = expected(start)
+        assert stored_ids(t.sessions) == kept
+        assert stored_ids(t.reschedules) == kept & set(reschedules["session_id"])
+        assert stats.deleted["sessions"] > 0 and stats.deleted["reschedules"] > 0
+        assert stats.written["sessions"] == 0  # what stays is not rewritten
+
+    stats = publish(engine, data, horizon_start=None)  # SERVING_HORIZON_DAYS=0 brings all back
+    assert stored_ids(t.sessions) == set(sessions["session_id"])
+    assert stats.written["sessions"] == sessions.height - len(expected(f.AS_OF - timedelta(30)))
+
+
+def test_horizon_start() -> None:
+    scores = f.scores(3)
+    assert horizon_start(scores, 0, now=NOW) is None
+    assert horizon_start(scores, 180, now=NOW) == f.AS_OF - timedelta(days=180)
+    assert horizon_start(scores.clear(), 7, now=NOW) == NOW - timedelta(days=7)
+    with pytest.raises(ValueError, match="SERVING_HORIZON_DAYS"):
+        horizon_start(scores, -1, now=NOW)
+
+
+def test_the_current_snapshot_replaces_the_previous_one(engine: sa.Engine) -> None:
+    publish(engine, snapshot(n_tutors=12))
+    smaller = snapshot(n_tutors=12)
+    smaller["scores"] = f.scores(8, f.AS_OF + timedelta(hours=1))
+    stats = publish(engine, smaller)
+    assert stats.deleted["tutor_scores"] == 4 and stats.written["tutor_scores"] == 8
+    with engine.connect() as conn:
+        as_of = conn.execute(sa.select(sa.func.count(sa.distinct(t.tutor_scores.c.as_of)))).scalar()
+        tutors = conn.execute(sa.select(sa.func.count()).select_from(t.tutors)).scalar()
+    assert as_of == 1 and tutors == 12  # tutors stay: history refers to them
+
+
+def test_history_replaces_exactly_its_days(engine: sa.Engine) -> None:
+    first = date(2026, 2, 1)
+    days = f.history(6, first, 4)
+    stats = publish_history(engine, days, first, first + timedelta(3), now=NOW, tutors=f.tutors(6))
+    assert stats.written == {"tutors": 6, "tutor_score_history": 24}
+    before = dump(engine)
+    assert publish_history(engine, days, first, first + timedelta(3), now=NOW).written == {
+        "tutor_score_history": 0
+    }
+    assert dump(engine) == before
+
+    # Days 2..3 again, one tutor gone from day 3 and one rate changed: day 1 is not touched.
+    last = days.filter(
+        pl.col("as_of").dt.date().is_between(first + timedelta(2), first + timedelta(3))
+    )
+    last = last.filter(
+        ~((pl.col("tutor_id") == "T00001") & (pl.col("as_of") == last["as_of"].max()))
+    )
+    last = last.with_columns(
+        min_sessions=pl.when(pl.col("tutor_id") == "T00002").then(9).otherwise("min_sessions")
+    )
+    stats = publish_history(engine, last, first + timedelta(1), first + timedelta(2), now=NOW)
+    assert stats.deleted == {"tutor_score_history": 1}
+    assert stats.written == {"tutor_score_history": 2}  # T00002 on both days
+    with engine.connect() as conn:
+        per_day = dict(
+            conn.execute(
+                sa.select(t.tutor_score_history.c.score_date, sa.func.count())
+                .group_by(t.tutor_score_history.c.score_date)
+                .order_by(t.tutor_score_history.c.score_date)
+            ).all()
+        )
+    assert list(per_day.values()) == [6, 6, 5, 6]
+
+
+def test_frames_that_cannot_be_published_are_refused_before_writing(engine: sa.Engine) -> None:
+    data = snapshot()
+    doubled = {**data, "sessions": pl.concat([data["sessions"], data["sessions"].head(1)])}
+    with pytest.raises(ValueError, match="2 rows for sessions share their key"):
+        publish(engine, doubled)
+    two_snapshots = {**data, "scores": pl.concat([f.scores(2), f.scores(2, NOW)])}
+    with pytest.raises(ValueError, match="one as_of"):
+        publish(engine, two_snapshots)
+    with pytest.raises(ValueError, match="outside the days"):
+        publish_history(
+            engine, f.history(2, date(2026, 2, 1), 3), date(2026, 2, 1), date(2026, 2, 2), now=NOW
+        )
+    assert not sa.inspect(engine).has_table("tutors")  # refused before even migrating
+
+
+def test_text_survives_the_bulk_load_exactly(engine: sa.Engine) -> None:
+    data = snapshot(200, 4)
+    odd = ["", 'comma, "quote"', "line\nbreak", "back\\slash", "ünïcødé ✓", None, "\\N", "NULL"]
+    moved = data["reschedules"].head(len(odd)).with_columns(reason=pl.Series(odd))
+    publish(engine, {**data, "reschedules": moved})
+    with engine.connect() as conn:
+        stored = conn.execute(
+            sa.select(t.reschedules.c.reason).order_by(t.reschedules.c.session_id)
+        ).scalars()
+        assert list(stored) == list(moved.sort("session_id")["reason"])
+    assert set(publish(engine, {**data, "reschedules": moved}).written.values()) == {0}
