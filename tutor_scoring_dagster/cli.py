@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -31,9 +32,22 @@ def _parse_date(text: str) -> date:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
+def _not_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
     return value
 
 
@@ -82,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--days", type=_positive, default=100)
     demo.add_argument("--sessions-per-day", type=_positive, default=150)
     demo.add_argument("--seed", type=int, default=7)
+
+    tutors = sub.add_parser("tutors", help="current scores from the serving store")
+    tutors.add_argument("--risk", choices=("high", "ok", "insufficient_data"), default=None)
+    tutors.add_argument("--sort-by", default="reschedule_rate_30d", help="any score column")
+    tutors.add_argument("--order", choices=("asc", "desc"), default="desc")
+    tutors.add_argument("--limit", type=_not_negative, default=50)
+    tutors.add_argument("--offset", type=_not_negative, default=0)
+    tutors.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+
+    tutor = sub.add_parser("tutor", help="one tutor: scores, statistics, trend, reschedules")
+    tutor.add_argument("tutor_id")
+    tutor.add_argument("--history-days", type=_positive, default=30)
+    tutor.add_argument("--json", action="store_true", help="one JSON object")
 
     health = sub.add_parser("health", help="check every part the pipeline depends on")
     health.add_argument("--json", action="store_true", help="one JSON object per check")
@@ -229,7 +256,156 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
+TABLE_COLUMNS = (
+    ("tutor_id", "tutor"),
+    ("name", "name"),
+    ("risk_status", "risk"),
+    ("reschedule_rate_7d", "resched 7d"),
+    ("reschedule_rate_30d", "resched 30d"),
+    ("reschedule_rate_90d", "resched 90d"),
+    ("total_sessions_30d", "sessions 30d"),
+    ("no_show_rate_30d", "no-show 30d"),
+    ("reschedule_rate_30d_change_7d", "30d vs 7d ago"),
+)
+
+
+def _cell(name: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if name.endswith("change_7d"):
+        return f"{value * 100:+.1f} pts"
+    if "_rate_" in name:
+        return f"{value * 100:.1f}%"
+    return str(value)
+
+
+def _json_default(value: Any) -> str:
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+def _store_call(fn: Any) -> Any:
+    """Run a store read; its problems become one line (and exit 1) instead of a trace."""
+    import sqlalchemy as sa
+
+    from tutor_scoring_dagster.config import load_settings
+    from tutor_scoring_dagster.store.errors import explain
+    from tutor_scoring_dagster.store.publish import create_store_engine
+
+    url = load_settings().database_url
+    engine = None
+    try:
+        engine = create_store_engine(url)
+        return fn(engine)
+    except sa.exc.SQLAlchemyError as exc:
+        raise StoreUnavailable(explain(exc, url).message) from None
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
+class StoreUnavailable(Exception):
+    """The serving store could not answer; the message says why."""
+
+
+def cmd_tutors(args: argparse.Namespace) -> int:
+    import json
+
+    from tutor_scoring_dagster.store.reads import list_tutors
+
+    page = _store_call(
+        lambda engine: list_tutors(
+            engine,
+            risk_status=args.risk,
+            sort_by=args.sort_by,
+            order=args.order,
+            limit=args.limit,
+            offset=args.offset,
+        )
+    )
+    if args.json:
+        for row in page.tutors:
+            print(json.dumps(row, default=_json_default))
+        return 0
+    rows = [[_cell(n, r.get(n)) for n, _ in TABLE_COLUMNS] for r in page.tutors]
+    headers = [h for _, h in TABLE_COLUMNS]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    shown = f"{page.offset + 1}-{page.offset + len(page.tutors)}" if page.tutors else "none"
+    print(f"({shown} of {page.total} tutors)")
+    return 0
+
+
+def cmd_tutor(args: argparse.Namespace) -> int:
+    import json
+
+    from tutor_scoring_dagster.store.reads import tutor_detail, tutor_history
+
+    def read(engine: Any) -> tuple[Any, Any]:
+        detail = tutor_detail(engine, args.tutor_id)
+        # History up to the snapshot people are looking at, not up to the wall clock.
+        until = detail.scores["as_of"] if detail.scores else None
+        history = tutor_history(engine, args.tutor_id, days=args.history_days, until=until)
+        return detail, history
+
+    detail, history = _store_call(read)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "tutor": detail.tutor,
+                    "scores": detail.scores,
+                    "statistics": detail.statistics,
+                    "trend": history.trend,
+                    "reschedules": history.reschedules,
+                },
+                default=_json_default,
+            )
+        )
+        return 0
+    t, s = detail.tutor, detail.scores
+    print(f"{t.get('name') or '(no name)'} ({t['tutor_id']})  {t.get('email') or ''}")
+    if s is None:
+        print("  no current scores (no session scheduled before the snapshot)")
+    else:
+        print(
+            f"  risk: {s['risk_status']}  (threshold {s['risk_threshold']:.0%}, "
+            f"min {s['min_sessions']} sessions, as of {_json_default(s['as_of'])})"
+        )
+        for w in (7, 30, 90):
+            print(
+                f"  {w:>2}d: reschedules {s[f'tutor_reschedules_{w}d']}/"
+                f"{s[f'total_sessions_{w}d']} = {_cell('x_rate_', s[f'reschedule_rate_{w}d'])}"
+                f" (>= {_cell('x_rate_', s[f'reschedule_rate_{w}d_lower95'])}),"
+                f" no-shows {s[f'no_shows_{w}d']} = {_cell('x_rate_', s[f'no_show_rate_{w}d'])}"
+            )
+    st = detail.statistics
+    print(
+        f"  sessions in the store: {st.get('sessions')}  by status: {st.get('sessions_by_status')}"
+    )
+    if history.trend:
+        points = ", ".join(
+            f"{p['score_date']}: {_cell('x_rate_', p.get('reschedule_rate_30d'))}"
+            for p in history.trend[-10:]
+        )
+        print(f"  30-day rate, last days: {points}")
+    print(f"  reschedules in the last {args.history_days} days: {len(history.reschedules)}")
+    for r in history.reschedules:
+        notice = r.get("hours_before_session")
+        print(
+            f"    {_json_default(r.get('cancelled_at'))[:16]}  {r.get('initiator'):<7}  "
+            f"{(f'{notice:.0f} h notice' if notice is not None else '-'):<14}  "
+            f"{r.get('reason_code') or '-'}: {r.get('reason') or ''}"
+        )
+    return 0
+
+
 COMMANDS: dict[str, Any] = {
+    "tutors": cmd_tutors,
+    "tutor": cmd_tutor,
     "health": cmd_health,
     "generate": cmd_generate,
     "run": cmd_run,
@@ -240,6 +416,8 @@ COMMANDS: dict[str, Any] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tutor-scoring`` console script."""
+    # Piped into `head`: stop quietly, like any Unix tool.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     # Dagster's beta/preview notices are for developers of this project, not its users.
     warnings.filterwarnings("ignore", message=".*is currently in (beta|preview).*")
@@ -249,9 +427,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(COMMANDS[args.command](args))
-    except ValueError as exc:  # configuration errors: one line, no traceback
+    except ValueError as exc:  # bad values and configuration: one line, no traceback
         print(f"tutor-scoring: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except LookupError as exc:  # e.g. an unknown tutor id
+        print(f"tutor-scoring: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 1
+    except StoreUnavailable as exc:
+        print(f"tutor-scoring: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

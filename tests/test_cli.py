@@ -1,0 +1,131 @@
+"""The operator commands, through the installed console script, as an operator types them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_pipeline import T, build_drops
+
+from tutor_scoring_dagster.config import Settings
+from tutor_scoring_dagster.defs.jobs import run_pipeline
+
+
+def cli(home: Settings, *args: str, extra_env: dict[str, str] | None = None):
+    script = shutil.which("tutor-scoring", path=str(Path(sys.executable).parent))
+    assert script, "the tutor-scoring console script is not installed (pip install -e .)"
+    env = {**os.environ, "TUTOR_SCORING_HOME": str(home.home), **(extra_env or {})}
+    return subprocess.run(
+        [script, *args], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
+
+
+@pytest.fixture
+def scored(home: Settings) -> Settings:
+    build_drops(home.landing_dir)
+    assert run_pipeline(as_of=T, history_days=5).success
+    return home
+
+
+def test_tutors_lists_filters_sorts_and_pages(scored: Settings) -> None:
+    table = cli(scored, "tutors")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:3] == ["tutor", "name", "risk"]
+    assert lines[-1] == "(1-4 of 4 tutors)"
+
+    high = cli(scored, "tutors", "--risk", "high", "--json")
+    rows = [json.loads(line) for line in high.stdout.splitlines()]
+    assert {r["tutor_id"] for r in rows} == {"A", "D"}
+    assert all(r["risk_status"] == "high" for r in rows)
+
+    asc = cli(scored, "tutors", "--sort-by", "total_sessions_90d", "--order", "asc", "--json")
+    totals = [json.loads(line)["total_sessions_90d"] for line in asc.stdout.splitlines()]
+    assert totals == sorted(totals)
+
+    page = cli(
+        scored,
+        "tutors",
+        "--sort-by",
+        "tutor_id",
+        "--order",
+        "asc",
+        "--limit",
+        "2",
+        "--offset",
+        "1",
+        "--json",
+    )
+    assert [json.loads(line)["tutor_id"] for line in page.stdout.splitlines()] == ["B", "C"]
+    past_end = cli(scored, "tutors", "--offset", "10")
+    assert past_end.returncode == 0 and past_end.stdout.strip().endswith("(none of 4 tutors)")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("tutors", "--sort-by", "bogus"), "cannot sort tutors by 'bogus'"),
+        (("tutors", "--risk", "medium"), "invalid choice"),
+        (("tutors", "--limit", "-1"), "must not be negative"),
+        (("tutors", "--order", "up"), "invalid choice"),
+        (("tutor", "A", "--history-days", "0"), "must be at least 1"),
+    ],
+)
+def test_bad_values_are_one_line_and_exit_2(
+    scored: Settings, args: tuple[str, ...], message: str
+) -> None:
+    done = cli(scored, *args)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_tutor_shows_scores_statistics_trend_and_reschedules(scored: Settings) -> None:
+    done = cli(scored, "tutor", "A", "--history-days", "90")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert out.startswith("Ana <b>Bold</b> (A)")
+    assert "risk: high" in out
+    assert "30d: reschedules 2/6 = 33.3%" in out
+    assert "reschedules in the last 90 days:" in out and "tutor" in out
+
+    as_json = json.loads(cli(scored, "tutor", "A", "--json").stdout)
+    assert as_json["scores"]["tutor_reschedules_30d"] == 2
+    assert as_json["trend"], "the daily trend comes from tutor_score_history"
+
+    unknown = cli(scored, "tutor", "nobody")
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip() == "tutor-scoring: no tutor 'nobody' in the serving store"
+
+
+def test_health_reports_each_part_and_fails_when_one_is_wrong(scored: Settings) -> None:
+    done = cli(scored, "health", "--json")
+    checks = {c["name"]: c for c in map(json.loads, done.stdout.splitlines())}
+    assert set(checks) >= {
+        "landing",
+        "warehouse",
+        "serving_store",
+        "snapshot",
+        "email",
+        "dagster_instance",
+    }
+    assert checks["warehouse"]["ok"] and checks["serving_store"]["ok"]
+    # The snapshot is as of T, long ago: the 1-hour target is missed, so health fails.
+    assert not checks["snapshot"]["ok"] and "min old" in checks["snapshot"]["detail"]
+    assert done.returncode == 1
+
+    bad_email = cli(scored, "health", extra_env={"EMAIL_SERVICE": "pigeon"})
+    assert bad_email.returncode == 1
+    assert "BAD  email" in bad_email.stdout and "EMAIL_SERVICE" in bad_email.stdout
+
+
+def test_store_problems_are_one_line(home: Settings) -> None:
+    done = cli(home, "tutors", extra_env={"DATABASE_URL": "nosuchdb://x"})
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1
+    assert "DATABASE_URL is not a usable SQLAlchemy URL" in done.stderr
