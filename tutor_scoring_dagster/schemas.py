@@ -9,6 +9,7 @@ other field is required and must be non-empty. ``TutorScores`` describes a score
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 from typing import Final
 
 import pandera.polars as pa
@@ -105,6 +106,36 @@ def required_columns(entity: str) -> list[str]:
     return [name for name, col in schema.columns.items() if col.required]
 
 
+def rate(numerator: pl.Expr, total: pl.Expr) -> pl.Expr:
+    """A windowed rate: ``numerator / total``, null when the window is empty."""
+    return pl.when(total > 0).then(numerator / total)
+
+
+def high_risk(
+    windows: Iterable[tuple[pl.Expr, pl.Expr]],
+    threshold: pl.Expr | float,
+    min_sessions: pl.Expr | int,
+) -> pl.Expr:
+    """The contract's risk rule over ``(tutor_reschedules, total_sessions)`` of each window: some
+    window has at least ``min_sessions`` sessions and a reschedule rate above ``threshold``."""
+    return pl.any_horizontal(
+        (total >= min_sessions) & (rate(moved, total) > threshold) for moved, total in windows
+    )
+
+
+def risk_status(high: pl.Expr, windows: Iterable[pl.Expr], min_sessions: pl.Expr | int) -> pl.Expr:
+    """``high``, else ``insufficient_data`` when no window (its total sessions in ``windows``)
+    has ``min_sessions`` sessions, else ``ok``."""
+    qualifies = pl.any_horizontal(total >= min_sessions for total in windows)
+    return (
+        pl.when(high)
+        .then(pl.lit("high"))
+        .when(~qualifies)
+        .then(pl.lit("insufficient_data"))
+        .otherwise(pl.lit("ok"))
+    )
+
+
 class TutorScores(pa.DataFrameModel):
     """One tutor's scores as of one instant (a row of a score snapshot)."""
 
@@ -156,7 +187,8 @@ class TutorScores(pa.DataFrameModel):
             ok = ok & (pl.col(f"tutor_reschedules_{w}d") <= total)
             ok = ok & (pl.col(f"no_shows_{w}d") <= total)
         for short, long in itertools.pairwise(WINDOWS_DAYS):
-            ok = ok & (pl.col(f"total_sessions_{short}d") <= pl.col(f"total_sessions_{long}d"))
+            for count in ("total_sessions", *RATES.values()):
+                ok = ok & (pl.col(f"{count}_{short}d") <= pl.col(f"{count}_{long}d"))
         return data.lazyframe.select(ok)
 
     @pa.dataframe_check(name="rate = numerator / total, null only when the window is empty")
@@ -164,8 +196,8 @@ class TutorScores(pa.DataFrameModel):
         ok = pl.lit(True)
         for w in WINDOWS_DAYS:
             total = pl.col(f"total_sessions_{w}d")
-            for rate, count in RATES.items():
-                r = pl.col(f"{rate}_{w}d")
+            for rate_name, count in RATES.items():
+                r = pl.col(f"{rate_name}_{w}d")
                 expected = pl.col(f"{count}_{w}d") / total
                 ok = ok & pl.when(total == 0).then(r.is_null()).otherwise(
                     r.is_not_null() & ((r - expected).abs() <= 1e-9)
@@ -176,12 +208,36 @@ class TutorScores(pa.DataFrameModel):
     def wilson_below_rate(cls, data: pa.PolarsData) -> pl.LazyFrame:
         ok = pl.lit(True)
         for w in WINDOWS_DAYS:
-            for rate in ("reschedule_rate", "no_show_rate"):
-                r, lo = pl.col(f"{rate}_{w}d"), pl.col(f"{rate}_{w}d_lower95")
+            for rate_name in RATES:
+                r, lo = pl.col(f"{rate_name}_{w}d"), pl.col(f"{rate_name}_{w}d_lower95")
                 ok = ok & pl.when(r.is_null()).then(lo.is_null()).otherwise(lo <= r + 1e-12)
+        return data.lazyframe.select(ok)
+
+    @pa.dataframe_check(name="risk follows the rule kept on the row")
+    def risk_follows_rule(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        totals = [pl.col(f"total_sessions_{w}d") for w in WINDOWS_DAYS]
+        high = high_risk(
+            (
+                (pl.col(f"tutor_reschedules_{w}d"), pl.col(f"total_sessions_{w}d"))
+                for w in WINDOWS_DAYS
+            ),
+            pl.col("risk_threshold"),
+            pl.col("min_sessions"),
+        )
+        status = risk_status(high, totals, pl.col("min_sessions"))
+        ok = (pl.col("is_high_risk") == high) & (pl.col("risk_status") == status)
+        # Newly / no longer high risk compare with the day before: they imply today's flag.
+        ok = ok & ~(pl.col("newly_high_risk") & pl.col("no_longer_high_risk"))
+        ok = ok & (~pl.col("newly_high_risk") | pl.col("is_high_risk"))
+        ok = ok & (~pl.col("no_longer_high_risk") | ~pl.col("is_high_risk"))
         return data.lazyframe.select(ok)
 
 
 def score_columns() -> list[str]:
     """Columns of a score snapshot, in order."""
     return list(TutorScores.to_schema().columns)
+
+
+def score_schema() -> dict[str, pl.DataType]:
+    """Columns of a score snapshot, in order, with their Polars types."""
+    return {name: col.dtype.type for name, col in TutorScores.to_schema().columns.items()}

@@ -2,30 +2,55 @@
 
 Sessions are first counted per tutor and day (``sql/tutor_daily_activity_select.sql``), where a
 day is the 24 hours that end at a multiple of one day before the as-of instant ``T``. The window
-``T - W days <= scheduled_time < T`` is then exactly the last ``W`` days, so one Polars rolling
-sum over a dense calendar scores any number of consecutive snapshots at once: the hourly
-snapshot is one day of that calendar, a 365-day backfill is 365 days of it.
+``T - W days <= scheduled_time < T`` is then exactly the last ``W`` days, so one pass of running
+sums over a dense day x tutor calendar scores any number of consecutive snapshots at once: the
+hourly snapshot is one day of that calendar, a 365-day backfill is 365 days of it. Every path
+(hourly, one partition, a backfill, the CLI) reads the same sessions through the same SQL, so the
+same warehouse and ``T`` give the same numbers.
+
+The second half holds what checks published scores (an independent count over instants, not
+days) and what finds the partitions a late export touched.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Final
 
 import duckdb
+import numpy as np
 import pandera.polars as pa
 import polars as pl
 
 from tutor_scoring_dagster.paths import load_sql
-from tutor_scoring_dagster.schemas import RATES, WINDOWS_DAYS, TutorScores, score_columns
+from tutor_scoring_dagster.schemas import (
+    RATES,
+    WINDOWS_DAYS,
+    TutorScores,
+    high_risk,
+    rate,
+    risk_status,
+    score_columns,
+    score_schema,
+)
 from tutor_scoring_dagster.warehouse import query_frame
 
 LONGEST_WINDOW: Final = max(WINDOWS_DAYS)
+TREND_WINDOW: Final = 30
 TREND_LAG_DAYS: Final = 7
 LOOKBACK_DAYS: Final = LONGEST_WINDOW + TREND_LAG_DAYS
 """Days of activity before the first snapshot day that its windows and trend read."""
+LATE_DATA_REACH_DAYS: Final = LOOKBACK_DAYS - 1
+"""Days after a day whose snapshots a change to that day's sessions can reach (conservative:
+the furthest is the day-before flag of the 90-day window, 90 days on)."""
+
+# compute_scores scores TREND_LAG_DAYS days before the first snapshot day too (for the trend and
+# newly_high_risk); their windows must fit in the activity read before the first snapshot day.
+assert LOOKBACK_DAYS - TREND_LAG_DAYS >= LONGEST_WINDOW - 1
+assert TREND_WINDOW in WINDOWS_DAYS
 
 WILSON_Z: Final = 1.959963984540054  # two-sided 95%
 COUNTS: Final = {
@@ -56,10 +81,13 @@ class ScoresInvalid(Exception):
 
     def __init__(self, failure_cases: pl.DataFrame) -> None:
         self.failure_cases = failure_cases
-        checks = failure_cases.get_column("check").cast(pl.String).unique().to_list()
+        checks = failure_cases.get_column("check").cast(pl.String).unique().sort().to_list()
         super().__init__(
             f"{failure_cases.height} score value(s) break the contract: {', '.join(checks)[:400]}"
         )
+
+
+# Instants and days
 
 
 def floor_to_hour(instant: datetime) -> datetime:
@@ -79,6 +107,11 @@ def day_offset(as_of: datetime) -> timedelta:
     return utc - datetime.combine(utc.date(), time(0), tzinfo=UTC)
 
 
+def day_start(day: date, offset: timedelta) -> datetime:
+    """The instant a day starts, for days that start ``offset`` after midnight UTC."""
+    return datetime.combine(day, time(0), tzinfo=UTC) + offset
+
+
 def snapshot_day(as_of: datetime) -> date:
     """The last whole day before ``as_of`` (days as in :func:`day_offset`)."""
     return (as_utc(as_of) - day_offset(as_of)).date() - timedelta(days=1)
@@ -86,27 +119,28 @@ def snapshot_day(as_of: datetime) -> date:
 
 def partition_as_of(day: date) -> datetime:
     """The as-of instant of a daily partition: the end of that day, UTC."""
-    return datetime.combine(day + timedelta(days=1), time(0), tzinfo=UTC)
+    return day_start(day + timedelta(days=1), timedelta(0))
+
+
+# Reading the warehouse
 
 
 def read_activity(
     con: duckdb.DuckDBPyConnection, *, start: datetime, end: datetime, offset: timedelta
-) -> pl.DataFrame:
-    """Per tutor and day counts of sessions scheduled in ``[start, end)``."""
-    return query_frame(
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Per tutor and day counts of the sessions scheduled in ``[start, end)``, and each tutor's
+    first activity day before ``end`` (days start ``offset`` after midnight UTC)."""
+    rows = query_frame(
         con,
         load_sql("tutor_daily_activity_select"),
         {"start": start, "end": end, "day_offset": offset},
     )
+    first = rows.group_by("tutor_id").agg(pl.col("first_activity_date").min())
+    activity = rows.filter(pl.col("activity_date").is_not_null()).drop("first_activity_date")
+    return activity, first
 
 
-def read_first_activity(
-    con: duckdb.DuckDBPyConnection, *, end: datetime, offset: timedelta
-) -> pl.DataFrame:
-    """Each tutor's first activity day before ``end``."""
-    return query_frame(
-        con, load_sql("tutor_first_activity_select"), {"end": end, "day_offset": offset}
-    )
+# Scoring
 
 
 def wilson_lower_bound(successes: pl.Expr, trials: pl.Expr) -> pl.Expr:
@@ -131,17 +165,25 @@ def wilson_lower_bound_scalar(successes: int, trials: int) -> float | None:
     return min(1.0, max(0.0, (centre - margin) / (1 + z2 / trials)))
 
 
-def _high_risk(rule: RiskRule, suffix: str = "") -> pl.Expr:
-    """Whether some window qualifies; ``suffix`` picks lagged columns."""
-    flags = [
-        (pl.col(f"total_sessions_{w}d{suffix}") >= rule.min_sessions)
-        & (
-            pl.col(f"tutor_reschedules_{w}d{suffix}")
-            > rule.threshold * pl.col(f"total_sessions_{w}d{suffix}")
-        )
-        for w in WINDOWS_DAYS
-    ]
-    return pl.any_horizontal(flags)
+def _running_totals(cells: pl.DataFrame, *, n_days: int, n_tutors: int) -> dict[str, np.ndarray]:
+    """Per count, a (day, tutor) matrix of each tutor's sum over the calendar days before that
+    day (row 0 is zero), from ``cells`` (``day_index``, ``tutor_index`` and the counts).
+
+    Day-major matrices make a window of every tutor the difference of two rows, already in
+    (day, tutor) order: no per-tutor grouping and no sort.
+    """
+    day = cells.get_column("day_index").to_numpy() + 1
+    tutor = cells.get_column("tutor_index").to_numpy()
+    running = {}
+    for count in COUNTS:
+        values = cells.get_column(count).to_numpy()
+        grid = np.zeros((n_days + 1, n_tutors), dtype=np.int64)
+        grid[day, tutor] = values
+        running[count] = grid.cumsum(axis=0, out=grid)
+        # A repeated (tutor, day) would have overwritten a count: the grand total tells.
+        if int(grid[-1].sum()) != int(values.sum()):
+            raise ValueError("activity must hold one row per tutor and day")
+    return running
 
 
 def compute_scores(
@@ -155,103 +197,117 @@ def compute_scores(
     """Score every tutor seen by each snapshot day, for consecutive ``snapshot_days``.
 
     ``activity`` holds per tutor and day counts (``sessions``, ``tutor_reschedules``,
-    ``no_shows``) for at least the :data:`LOOKBACK_DAYS` days before the first snapshot day;
-    ``first_activity`` each tutor's first activity day. Snapshot day ``d`` is as of
-    ``d + 1 day + offset``. The result follows :class:`TutorScores`, sorted by day and tutor.
+    ``no_shows``; one row per tutor and day) for at least the :data:`LOOKBACK_DAYS` days before
+    the first snapshot day; ``first_activity`` each tutor's first activity day. Snapshot day
+    ``d`` is as of ``d + 1 day + offset``. The result follows :class:`TutorScores`, sorted by
+    as-of and tutor.
     """
     if not snapshot_days:
-        return pl.DataFrame(schema=_empty_schema())
+        return pl.DataFrame(schema=score_schema())
     first_day, last_day = min(snapshot_days), max(snapshot_days)
-    if (last_day - first_day).days + 1 != len(set(snapshot_days)):
+    n_snapshots = (last_day - first_day).days + 1
+    if n_snapshots != len(set(snapshot_days)):
         raise ValueError("snapshot days must be consecutive")
-    tutors = first_activity.filter(pl.col("first_activity_date") <= last_day).select(
-        "tutor_id", "first_activity_date"
+    calendar_start = first_day - timedelta(days=LOOKBACK_DAYS)
+
+    def day_index(column: str) -> pl.Expr:
+        return (pl.col(column) - pl.lit(calendar_start)).dt.total_days()
+
+    # Tutors in id order, so that (day, tutor) order is (as_of, tutor_id) order.
+    tutors = (
+        first_activity.lazy()
+        .filter(pl.col("first_activity_date") <= last_day)
+        .select("tutor_id", day_index("first_activity_date").alias("first_index"))
+        .sort("tutor_id")
+        .collect()
+        .with_row_index("tutor_index")
     )
-    calendar = pl.DataFrame(
-        {
-            "activity_date": pl.date_range(
-                first_day - timedelta(days=LOOKBACK_DAYS), last_day, "1d", eager=True
-            )
-        }
+    n_tutors = tutors.height
+    cells = (
+        activity.lazy()
+        .filter(pl.col("activity_date").is_between(calendar_start, last_day))
+        .join(tutors.lazy().select("tutor_id", "tutor_index"), on="tutor_id")
+        .select(day_index("activity_date").alias("day_index"), "tutor_index", *COUNTS)
+        .collect()
     )
-    # A dense tutor x day grid, so that a window of W rows is a window of W days.
-    grid = (
-        tutors.join(calendar, how="cross")
-        .join(
-            activity.select("tutor_id", "activity_date", *COUNTS),
-            on=["tutor_id", "activity_date"],
-            how="left",
-        )
-        .with_columns(pl.col(c).fill_null(0).cast(pl.Int64) for c in COUNTS)
-        .sort("tutor_id", "activity_date")
-    )
-    rolled = grid.with_columns(
-        pl.col(count).rolling_sum(w, min_samples=1).over("tutor_id").alias(f"{name}_{w}d")
-        for w in WINDOWS_DAYS
-        for count, name in COUNTS.items()
-    )
-    lagged_cols = [
-        f"{name}_{w}d" for w in WINDOWS_DAYS for name in ("total_sessions", "tutor_reschedules")
-    ]
-    rolled = rolled.with_columns(
-        *(pl.col(c).shift(1).over("tutor_id").alias(f"{c}_prev") for c in lagged_cols),
-        pl.when(pl.col("total_sessions_30d") > 0)
-        .then(pl.col("tutor_reschedules_30d") / pl.col("total_sessions_30d"))
-        .shift(TREND_LAG_DAYS)
-        .over("tutor_id")
-        .alias("_rate_30d_week_ago"),
-    )
-    snap = rolled.filter(
-        pl.col("activity_date").is_between(first_day, last_day)
-        & (pl.col("activity_date") >= pl.col("first_activity_date"))
-    )
+    running = _running_totals(cells, n_days=LOOKBACK_DAYS + n_snapshots, n_tutors=n_tutors)
+    # Days are scored from TREND_LAG_DAYS before the first snapshot day: the trend compares
+    # with the snapshot a week before, newly_high_risk with the one a day before.
+    first_scored = LOOKBACK_DAYS - TREND_LAG_DAYS
+    n_scored = TREND_LAG_DAYS + n_snapshots
+
+    def window(count: str, days: int) -> np.ndarray:
+        """``count`` summed over the ``days`` days that end on each scored day, per scored day
+        and tutor, flattened day-major."""
+        end = first_scored + 1
+        ending = running[count][end : end + n_scored]
+        starting = running[count][end - days : end - days + n_scored]
+        return (ending - starting).ravel()
+
+    windows = {
+        f"{name}_{w}d": window(count, w) for w in WINDOWS_DAYS for count, name in COUNTS.items()
+    }
     rate_exprs = []
     for w in WINDOWS_DAYS:
         total = pl.col(f"total_sessions_{w}d")
-        for rate, count in RATES.items():
+        for rate_name, count in RATES.items():
             numerator = pl.col(f"{count}_{w}d")
-            rate_exprs.append(pl.when(total > 0).then(numerator / total).alias(f"{rate}_{w}d"))
-            rate_exprs.append(wilson_lower_bound(numerator, total).alias(f"{rate}_{w}d_lower95"))
-    qualifies = pl.any_horizontal(
-        pl.col(f"total_sessions_{w}d") >= rule.min_sessions for w in WINDOWS_DAYS
-    )
-    high = _high_risk(rule)
-    # The day before a tutor's first activity they were not high risk.
-    was_high = _high_risk(rule, "_prev").fill_null(False)
-    scores = snap.with_columns(
-        (
-            pl.datetime(
-                pl.col("activity_date").dt.year(),
-                pl.col("activity_date").dt.month(),
-                pl.col("activity_date").dt.day(),
-                time_unit="us",
-                time_zone="UTC",
+            rate_exprs.append(rate(numerator, total).alias(f"{rate_name}_{w}d"))
+            rate_exprs.append(
+                wilson_lower_bound(numerator, total).alias(f"{rate_name}_{w}d_lower95")
             )
-            + pl.duration(days=1)
-            + pl.lit(offset)
-        ).alias("as_of"),
-        *rate_exprs,
-        high.alias("is_high_risk"),
-        pl.when(high)
-        .then(pl.lit("high"))
-        .when(~qualifies)
-        .then(pl.lit("insufficient_data"))
-        .otherwise(pl.lit("ok"))
-        .alias("risk_status"),
-        (high & ~was_high).alias("newly_high_risk"),
-        (~high & was_high).alias("no_longer_high_risk"),
-        pl.lit(rule.threshold, dtype=pl.Float64).alias("risk_threshold"),
-        pl.lit(rule.min_sessions, dtype=pl.Int64).alias("min_sessions"),
-    ).with_columns(
-        (pl.col("reschedule_rate_30d") - pl.col("_rate_30d_week_ago")).alias(
-            "reschedule_rate_30d_change_7d"
+    high = pl.col("is_high_risk")
+    was_high = pl.col("_was_high")
+    row = pl.int_range(pl.len(), dtype=pl.Int64)
+    scores = (
+        pl.LazyFrame(windows)
+        .with_columns(
+            (row % n_tutors).alias("tutor_index"),
+            (first_scored + row // n_tutors).alias("day_index"),
+            high_risk(
+                (
+                    (pl.col(f"tutor_reschedules_{w}d"), pl.col(f"total_sessions_{w}d"))
+                    for w in WINDOWS_DAYS
+                ),
+                rule.threshold,
+                rule.min_sessions,
+            ).alias("is_high_risk"),
+            *rate_exprs,
+        )
+        # Every tutor has a row on every scored day, so n_tutors rows back is the same tutor a
+        # day earlier (a tutor not yet seen then has empty windows: not high risk).
+        .with_columns(
+            high.shift(n_tutors).alias("_was_high"),
+            (
+                pl.col(f"reschedule_rate_{TREND_WINDOW}d")
+                - pl.col(f"reschedule_rate_{TREND_WINDOW}d").shift(TREND_LAG_DAYS * n_tutors)
+            ).alias("reschedule_rate_30d_change_7d"),
+        )
+        # Snapshot days only, each tutor from their first activity day on.
+        .filter(
+            (pl.col("day_index") >= LOOKBACK_DAYS)
+            & (
+                pl.col("day_index")
+                >= pl.lit(tutors.get_column("first_index")).gather(pl.col("tutor_index"))
+            )
+        )
+        .with_columns(
+            pl.lit(tutors.get_column("tutor_id")).gather(pl.col("tutor_index")).alias("tutor_id"),
+            # Calendar day i ends at the as-of instant of its snapshot.
+            (
+                pl.lit(day_start(calendar_start + timedelta(days=1), offset))
+                + pl.duration(days=pl.col("day_index"))
+            ).alias("as_of"),
+            risk_status(
+                high, [pl.col(f"total_sessions_{w}d") for w in WINDOWS_DAYS], rule.min_sessions
+            ).alias("risk_status"),
+            (high & ~was_high).alias("newly_high_risk"),
+            (~high & was_high).alias("no_longer_high_risk"),
+            pl.lit(rule.threshold, dtype=pl.Float64).alias("risk_threshold"),
+            pl.lit(rule.min_sessions, dtype=pl.Int64).alias("min_sessions"),
         )
     )
-    return scores.sort("as_of", "tutor_id").select(score_columns())
-
-
-def _empty_schema() -> dict[str, pl.DataType]:
-    return {name: col.dtype.type for name, col in TutorScores.to_schema().columns.items()}
+    return scores.select(score_columns()).collect()
 
 
 def validate_scores(scores: pl.DataFrame) -> pl.DataFrame:
@@ -262,25 +318,45 @@ def validate_scores(scores: pl.DataFrame) -> pl.DataFrame:
         raise ScoresInvalid(exc.failure_cases) from exc
 
 
+def score_snapshots(
+    con: duckdb.DuckDBPyConnection,
+    first_day: date,
+    last_day: date,
+    rule: RiskRule,
+    *,
+    offset: timedelta = timedelta(0),
+) -> pl.DataFrame:
+    """Validated snapshots as of the end of each day ``first_day..last_day``, for days that start
+    ``offset`` after midnight UTC, from the sessions in the warehouse."""
+    calendar_start = first_day - timedelta(days=LOOKBACK_DAYS)
+    end = day_start(last_day + timedelta(days=1), offset)
+    activity, first = read_activity(
+        con, start=day_start(calendar_start, offset), end=end, offset=offset
+    )
+    days = pl.date_range(first_day, last_day, "1d", eager=True).to_list()
+    return validate_scores(compute_scores(activity, first, days, offset=offset, rule=rule))
+
+
 def score_as_of(con: duckdb.DuckDBPyConnection, as_of: datetime, rule: RiskRule) -> pl.DataFrame:
     """The snapshot of every tutor's scores as of the instant ``as_of`` (validated)."""
-    as_of = as_utc(as_of)
-    offset = day_offset(as_of)
-    activity = read_activity(
-        con, start=as_of - timedelta(days=LOOKBACK_DAYS + 1), end=as_of, offset=offset
-    )
-    first = read_first_activity(con, end=as_of, offset=offset)
-    scores = compute_scores(activity, first, [snapshot_day(as_of)], offset=offset, rule=rule)
-    return validate_scores(scores)
+    day = snapshot_day(as_of)
+    return score_snapshots(con, day, day, rule, offset=day_offset(as_of))
+
+
+def score_days(
+    con: duckdb.DuckDBPyConnection, first_day: date, last_day: date, rule: RiskRule
+) -> pl.DataFrame:
+    """Daily snapshots (as of each day's end, UTC) for ``first_day..last_day`` (validated)."""
+    return score_snapshots(con, first_day, last_day, rule)
 
 
 def materialize_daily_activity(
     con: duckdb.DuckDBPyConnection, first_day: date, last_day: date
 ) -> int:
     """Recompute the stored daily activity of ``first_day..last_day``; return the row count."""
-    start = partition_as_of(first_day) - timedelta(days=1)
+    start = day_start(first_day, timedelta(0))
     end = partition_as_of(last_day)
-    activity = read_activity(con, start=start, end=end, offset=timedelta(0))
+    activity, _ = read_activity(con, start=start, end=end, offset=timedelta(0))
     con.execute("BEGIN TRANSACTION")
     try:
         con.execute(
@@ -297,17 +373,147 @@ def materialize_daily_activity(
     return activity.height
 
 
-def score_days(
-    con: duckdb.DuckDBPyConnection, first_day: date, last_day: date, rule: RiskRule
-) -> pl.DataFrame:
-    """Daily snapshots (as of each day's end) for ``first_day..last_day``, from stored activity."""
-    lookback_start = first_day - timedelta(days=LOOKBACK_DAYS)
-    activity = query_frame(
+# Checking published scores
+
+
+AUDITS: Final = {
+    "one_row_per_tutor_per_snapshot": (
+        "No tutor appears twice in a snapshot, and every row belongs to a checked snapshot."
+    ),
+    "rates_consistent_with_counts": (
+        "The TutorScores contract: types, ranges, rate = count / total (null only for an empty "
+        "window), Wilson bound <= rate, risk flags that follow the rule kept on the row."
+    ),
+    "tutors_known": "Every scored tutor exists in the warehouse `tutors` view.",
+    "counts_reconcile_with_sessions": (
+        "Every tutor with a session scheduled before the as-of instant is scored, and each "
+        "window's counts equal an independent count over the warehouse `sessions` view."
+    ),
+}
+"""Checks of a published score snapshot (:func:`audit_scores`): name -> what it asserts."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The outcome of one check of published scores: the offending rows, if any."""
+
+    name: str
+    failures: pl.DataFrame
+
+    @property
+    def passed(self) -> bool:
+        """True when no row offends."""
+        return self.failures.height == 0
+
+
+def reference_counts(con: duckdb.DuckDBPyConnection, instants: list[datetime]) -> pl.DataFrame:
+    """Per tutor and as-of instant (instants whole days apart): the windowed counts of a score
+    row, counted independently of the daily activity (``sql/tutor_scores_reference_select.sql``:
+    instants, not day buckets)."""
+    if WINDOWS_DAYS != (7, 30, 90):  # the reference SQL spells the contract's windows out
+        raise NotImplementedError(f"reference counts know 7/30/90-day windows, not {WINDOWS_DAYS}")
+    utc = sorted({as_utc(t) for t in instants})
+    if not utc:
+        raise ValueError("no instant to count as of")
+    if any((later - earlier) % timedelta(days=1) for earlier, later in itertools.pairwise(utc)):
+        raise ValueError("as-of instants must lie whole days apart")
+    return query_frame(
         con,
-        load_sql("tutor_daily_activity_range_select"),
-        {"first_day": lookback_start, "last_day": last_day},
+        load_sql("tutor_scores_reference_select"),
+        {
+            "instants": utc,
+            "earliest": utc[0] - timedelta(days=LONGEST_WINDOW),
+            "latest": utc[-1],
+        },
     )
-    first = query_frame(con, load_sql("tutor_first_activity_stored_select"), {"last_day": last_day})
-    days = pl.date_range(first_day, last_day, "1d", eager=True).to_list()
-    scores = compute_scores(activity, first, days, offset=timedelta(0), rule=rule)
-    return validate_scores(scores)
+
+
+def audit_scores(
+    con: duckdb.DuckDBPyConnection, scores: pl.DataFrame, instants: list[datetime]
+) -> list[Finding]:
+    """Check score rows published for the as-of ``instants`` against the warehouse: one
+    :class:`Finding` per entry of :data:`AUDITS`, in that order."""
+    keys = ["tutor_id", "as_of"]
+    duplicates = scores.group_by(keys).len("rows").filter(pl.col("rows") > 1).sort(keys)
+    unexpected_as_of = scores.filter(~pl.col("as_of").is_in(instants)).select(keys)
+    findings = [
+        Finding(
+            "one_row_per_tutor_per_snapshot",
+            pl.concat(
+                [duplicates.drop("rows"), unexpected_as_of.unique(keys).sort(keys)],
+                how="vertical_relaxed",
+            ),
+        )
+    ]
+    try:
+        TutorScores.validate(scores, lazy=True)
+        contract = pl.DataFrame(schema={"check": pl.String, "column": pl.String, "rows": pl.UInt32})
+    except pa.errors.SchemaErrors as exc:
+        contract = (
+            exc.failure_cases.group_by(
+                pl.col("check").cast(pl.String), pl.col("column").cast(pl.String)
+            )
+            .len("rows")
+            .sort("check", "column")
+        )
+    findings.append(Finding("rates_consistent_with_counts", contract))
+    con.register("checked_scores", scores.select("tutor_id").unique())
+    try:
+        unknown = query_frame(con, load_sql("tutor_scores_unknown_tutors_select"))
+    finally:
+        con.unregister("checked_scores")
+    findings.append(Finding("tutors_known", unknown))
+    counts = [f"{name}_{w}d" for w in WINDOWS_DAYS for name in COUNTS.values()]
+    expected = reference_counts(con, instants)
+    mismatches = (
+        expected.join(
+            scores.select(*keys, *counts), on=keys, how="full", coalesce=True, suffix="_scored"
+        )
+        .filter(pl.any_horizontal(pl.col(c).ne_missing(pl.col(f"{c}_scored")) for c in counts))
+        .sort(keys)
+    )
+    findings.append(Finding("counts_reconcile_with_sessions", mismatches))
+    return findings
+
+
+# Late data
+
+
+def read_new_loads(con: duckdb.DuckDBPyConnection, after_load_id: int) -> pl.DataFrame | None:
+    """Loads after ``after_load_id`` with the range of scheduled times their rows touched;
+    None while the warehouse's ``loaded_files`` does not record that range."""
+    needed = {"load_id", "min_scheduled_time", "max_scheduled_time"}
+    present = query_frame(con, load_sql("loaded_files_columns_select"))
+    if not needed <= set(present.get_column("column_name").to_list()):
+        return None
+    return query_frame(con, load_sql("loaded_files_scheduled_select"), {"after": after_load_id})
+
+
+def affected_day_ranges(
+    loads: pl.DataFrame, *, first_day: date, last_day: date
+) -> list[tuple[date, date]]:
+    """Daily partitions to recompute after ``loads`` (``min_scheduled_time``,
+    ``max_scheduled_time``): each touched day and the :data:`LATE_DATA_REACH_DAYS` days whose
+    windows include it, clipped to ``first_day..last_day``, overlapping ranges merged."""
+    spans = (
+        loads.drop_nulls(["min_scheduled_time", "max_scheduled_time"])
+        .select(
+            pl.col("min_scheduled_time").dt.convert_time_zone("UTC").dt.date().alias("start"),
+            (
+                pl.col("max_scheduled_time").dt.convert_time_zone("UTC").dt.date()
+                + pl.duration(days=LATE_DATA_REACH_DAYS)
+            ).alias("end"),
+        )
+        .with_columns(
+            pl.col("start").clip(lower_bound=first_day), pl.col("end").clip(upper_bound=last_day)
+        )
+        .filter(pl.col("start") <= pl.col("end"))
+        .sort("start")
+    )
+    ranges: list[tuple[date, date]] = []
+    for start, end in spans.iter_rows():  # one row per loaded file, not per session
+        if ranges and start <= ranges[-1][1] + timedelta(days=1):
+            ranges[-1] = (ranges[-1][0], max(ranges[-1][1], end))
+        else:
+            ranges.append((start, end))
+    return ranges

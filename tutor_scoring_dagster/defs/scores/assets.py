@@ -12,6 +12,7 @@ from tutor_scoring_dagster.scoring import (
     LOOKBACK_DAYS,
     floor_to_hour,
     materialize_daily_activity,
+    partition_as_of,
     score_as_of,
     score_days,
 )
@@ -77,7 +78,8 @@ def tutor_daily_activity(
     deps=[
         dg.AssetDep(
             tutor_daily_activity,
-            # A day's windows read the 90 days (and the trend 7 more) before it.
+            # A day's windows read the 90 days (and the trend 7 more) before it, so a change to
+            # one day's activity makes the following days' snapshots stale too.
             partition_mapping=dg.TimeWindowPartitionMapping(
                 start_offset=-LOOKBACK_DAYS, allow_nonexistent_upstream_partitions=True
             ),
@@ -90,15 +92,30 @@ def tutor_scores_daily(
 ) -> dg.MaterializeResult:
     """Each tutor's scores as of the end of each day (rolling 7/30/90-day rates, Wilson
     bounds, risk), validated by the `TutorScores` schema, in the warehouse table
-    `tutor_scores_daily`. A multi-day backfill runs as one vectorized run."""
+    `tutor_scores_daily`. A multi-day backfill runs as one vectorized run with the same rows
+    as one run per day. The counts come from the warehouse's sessions through the same SQL
+    as `tutor_daily_activity`, so a partition never depends on which earlier partitions
+    happened to be materialized."""
     window = context.partition_time_window
     first_day, last_day = window.start.date(), (window.end - timedelta(days=1)).date()
     with warehouse.connect() as con:
         scores = score_days(con, first_day, last_day, risk_rule.rule())
+        # Partition D holds the snapshot as of D + 1 day (all of its own rows, nothing else).
         replace_rows(
-            con, "tutor_scores_daily", scores, "as_of", window.start + timedelta(days=1), window.end
+            con,
+            "tutor_scores_daily",
+            scores,
+            "as_of",
+            partition_as_of(first_day),
+            partition_as_of(last_day + timedelta(days=1)),
         )
-    return dg.MaterializeResult(metadata=score_metadata(scores))
+    return dg.MaterializeResult(
+        metadata={
+            "first_as_of": dg.MetadataValue.text(partition_as_of(first_day).isoformat()),
+            "last_as_of": dg.MetadataValue.text(partition_as_of(last_day).isoformat()),
+            **score_metadata(scores),
+        }
+    )
 
 
 class SnapshotConfig(dg.Config):

@@ -1,0 +1,432 @@
+"""The score assets as Dagster runs them: a backfill range run against one run per partition,
+the asset checks on tampered snapshots (and blocking what follows), and the late-data sensor."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+import sys
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import duckdb
+import polars as pl
+import pytest
+
+from tutor_scoring_dagster import warehouse
+from tutor_scoring_dagster.config import Settings
+from tutor_scoring_dagster.defs.partitions import daily_partitions
+from tutor_scoring_dagster.defs.resources import RiskRuleResource, WarehouseResource
+from tutor_scoring_dagster.defs.scores import assets as score_assets
+from tutor_scoring_dagster.defs.scores.assets import (
+    tutor_daily_activity,
+    tutor_scores_current,
+    tutor_scores_daily,
+)
+from tutor_scoring_dagster.defs.scores.checks import (
+    SCORE_CHECKS,
+    tutor_scores_current_checks,
+    tutor_scores_daily_checks,
+)
+from tutor_scoring_dagster.defs.scores.sensors import late_data_sensor
+from tutor_scoring_dagster.generate import generate_drops
+from tutor_scoring_dagster.ingest import ingest_landing
+from tutor_scoring_dagster.scoring import LATE_DATA_REACH_DAYS, affected_day_ranges
+from tutor_scoring_dagster.warehouse import query_frame
+
+AS_OF = datetime(2024, 5, 20, 13, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A warehouse loaded from generated drops (one combined file per entity, in drop order)."""
+    root = tmp_path_factory.mktemp("assets")
+    drops = generate_drops(
+        root / "generated", tutors=25, days=100, sessions_per_day=30, seed=5, end=date(2024, 5, 21)
+    )
+    landing = root / "landing"
+    landing.mkdir()
+    for entity in ("tutors", "sessions", "reschedules"):
+        frames = [
+            pl.read_csv(f, infer_schema=False) for f in drops.files if f.name.startswith(entity)
+        ]
+        pl.concat(frames, how="diagonal").write_csv(landing / f"{entity}_all.csv")
+    path = root / "warehouse.duckdb"
+    with warehouse.connect(path) as con:
+        warehouse.ensure_schema(con)
+        ingest_landing(con, landing, archive_dir=root / "archive", quarantine_dir=root / "q")
+    return path
+
+
+@pytest.fixture
+def wh(generated: Path, tmp_path: Path, home: Settings) -> Path:
+    """A private copy of the generated warehouse."""
+    path = tmp_path / "warehouse.duckdb"
+    shutil.copy(generated, path)
+    return path
+
+
+def resources(path: Path) -> dict[str, Any]:
+    return {"warehouse": WarehouseResource(path=str(path)), "risk_rule": RiskRuleResource()}
+
+
+def range_tags(first: date, last: date) -> dict[str, str]:
+    return {
+        "dagster/asset_partition_range_start": first.isoformat(),
+        "dagster/asset_partition_range_end": last.isoformat(),
+    }
+
+
+def table(path: Path, name: str) -> pl.DataFrame:
+    with warehouse.connect(path) as con:
+        return query_frame(con, f"SELECT * FROM {name} ORDER BY ALL")
+
+
+def check_outcomes(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
+    return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+
+
+DAILY = [tutor_daily_activity, tutor_scores_daily, tutor_scores_daily_checks]
+
+
+def test_backfill_range_run_equals_one_run_per_partition(wh: Path, tmp_path: Path) -> None:
+    first, last = date(2024, 5, 12), date(2024, 5, 15)
+    days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
+    backfill = tmp_path / "backfill.duckdb"
+    shutil.copy(wh, backfill)
+    result = dg.materialize(DAILY, resources=resources(backfill), tags=range_tags(first, last))
+    assert result.success
+    assert all(check_outcomes(result).values()) and len(check_outcomes(result)) == 4
+
+    # One run per day, in a shuffled order, one of them twice: the same rows.
+    order = [*days, days[1]]
+    random.Random(3).shuffle(order)
+    for day in order:
+        single = dg.materialize(DAILY, resources=resources(wh), partition_key=day.isoformat())
+        assert single.success and all(check_outcomes(single).values())
+
+    for name in ("tutor_daily_activity", "tutor_scores_daily"):
+        ranged, singles = table(backfill, name), table(wh, name)
+        assert ranged.height > 0
+        assert ranged.equals(singles), name
+    scores = table(backfill, "tutor_scores_daily")
+    assert scores.get_column("as_of").dt.date().unique().sort().to_list() == [
+        d + timedelta(days=1) for d in days
+    ]
+
+    # The hourly asset as of the same midnight gives the partition's rows.
+    midnight = datetime.combine(last + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
+    current = dg.materialize(
+        [tutor_scores_current],
+        resources=resources(backfill),
+        run_config={"ops": {"tutor_scores_current": {"config": {"as_of": midnight.isoformat()}}}},
+    )
+    assert current.success
+    assert table(backfill, "tutor_scores_current").equals(
+        scores.filter(pl.col("as_of") == midnight)
+    )
+
+
+def current_run(
+    path: Path, *extra: dg.AssetsDefinition, **kwargs: Any
+) -> dg.ExecuteInProcessResult:
+    return dg.materialize(
+        [tutor_scores_current, tutor_scores_current_checks, *extra],
+        resources=resources(path),
+        run_config={"ops": {"tutor_scores_current": {"config": {"as_of": AS_OF.isoformat()}}}},
+        raise_on_error=False,
+        **kwargs,
+    )
+
+
+def checks_only(
+    path: Path, instance: dg.DagsterInstance, asset: dg.AssetsDefinition, check: Any, **kw: Any
+) -> dict[str, bool]:
+    result = dg.materialize(
+        [asset, check],
+        resources=resources(path),
+        instance=instance,
+        selection=dg.AssetSelection.checks_for_assets(asset),
+        raise_on_error=False,
+        **kw,
+    )
+    return check_outcomes(result)
+
+
+def tamper(path: Path, sql: str) -> None:
+    with duckdb.connect(str(path)) as con:
+        con.execute(sql)
+
+
+ALL_PASS = dict.fromkeys(
+    [
+        "one_row_per_tutor_per_snapshot",
+        "rates_consistent_with_counts",
+        "tutors_known",
+        "counts_reconcile_with_sessions",
+    ],
+    True,
+)
+
+
+def test_current_checks_catch_a_tampered_snapshot(wh: Path) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    result = current_run(wh, instance=instance)
+    assert result.success and check_outcomes(result) == ALL_PASS
+
+    def recheck() -> dict[str, bool]:
+        return checks_only(wh, instance, tutor_scores_current, tutor_scores_current_checks)
+
+    assert recheck() == ALL_PASS
+    original = wh.with_name("original.duckdb")
+    shutil.copy(wh, original)
+
+    # A count changed by hand: its rate no longer matches, nor does the sessions count.
+    tamper(
+        wh,
+        "UPDATE tutor_scores_current SET total_sessions_30d = total_sessions_30d + 1 "
+        "WHERE tutor_id = (SELECT min(tutor_id) FROM tutor_scores_current "
+        "WHERE total_sessions_30d > 0)",
+    )
+    assert recheck() == {
+        **ALL_PASS,
+        "rates_consistent_with_counts": False,
+        "counts_reconcile_with_sessions": False,
+    }
+
+    # A tutor nobody knows, with otherwise consistent numbers.
+    shutil.copy(original, wh)
+    tamper(
+        wh,
+        "INSERT INTO tutor_scores_current SELECT * REPLACE ('GHOST' AS tutor_id) "
+        "FROM tutor_scores_current LIMIT 1",
+    )
+    assert recheck() == {
+        **ALL_PASS,
+        "tutors_known": False,
+        "counts_reconcile_with_sessions": False,
+    }
+
+    # A tutor twice, and a tutor missing.
+    shutil.copy(original, wh)
+    tamper(
+        wh,
+        "INSERT INTO tutor_scores_current SELECT * FROM tutor_scores_current "
+        "WHERE tutor_id = (SELECT min(tutor_id) FROM tutor_scores_current); "
+        "DELETE FROM tutor_scores_current WHERE tutor_id = "
+        "(SELECT max(tutor_id) FROM tutor_scores_current)",
+    )
+    outcome = recheck()
+    assert outcome["one_row_per_tutor_per_snapshot"] is False
+    assert outcome["counts_reconcile_with_sessions"] is False
+
+
+def test_failed_checks_block_what_follows(wh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    published: list[bool] = []
+
+    @dg.asset(deps=[tutor_scores_current])
+    def published_snapshot() -> None:
+        published.append(True)
+
+    real = score_assets.score_as_of
+
+    def with_ghost(*args: Any, **kwargs: Any) -> pl.DataFrame:
+        scores = real(*args, **kwargs)
+        return pl.concat([scores, scores.head(1).with_columns(pl.lit("GHOST").alias("tutor_id"))])
+
+    monkeypatch.setattr(score_assets, "score_as_of", with_ghost)
+    result = current_run(wh, published_snapshot)
+    assert not result.success
+    assert check_outcomes(result)["tutors_known"] is False
+    assert published == []
+    monkeypatch.undo()
+    result = current_run(wh, published_snapshot)
+    assert result.success and published == [True]
+
+
+def test_daily_checks_catch_a_missing_row(wh: Path) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    # Nothing stored yet: nothing to check.
+    assert checks_only(wh, instance, tutor_scores_daily, tutor_scores_daily_checks) == ALL_PASS
+    day = date(2024, 5, 12)
+    tags = range_tags(day - timedelta(days=1), day)
+    result = dg.materialize(DAILY, resources=resources(wh), instance=instance, tags=tags)
+    assert result.success
+    tamper(
+        wh,
+        "DELETE FROM tutor_scores_daily WHERE as_of = TIMESTAMPTZ '2024-05-13 00:00:00+00' "
+        "AND tutor_id = (SELECT min(tutor_id) FROM tutor_scores_daily)",
+    )
+    run_alone = checks_only(wh, instance, tutor_scores_daily, tutor_scores_daily_checks)
+    assert run_alone == {**ALL_PASS, "counts_reconcile_with_sessions": False}
+    with_range = checks_only(wh, instance, tutor_scores_daily, tutor_scores_daily_checks, tags=tags)
+    assert with_range == run_alone
+
+
+def test_score_checks_cover_both_snapshot_assets() -> None:
+    keys = {key for check in SCORE_CHECKS for key in check.check_keys}
+    assert {k.asset_key for k in keys} == {tutor_scores_daily.key, tutor_scores_current.key}
+    assert all(spec.blocking for check in SCORE_CHECKS for spec in check.check_specs)
+    assert {k.name for k in keys} == set(ALL_PASS)
+
+
+# Late data
+
+
+def loads(*spans: tuple[str | None, str | None]) -> pl.DataFrame:
+    def ts(text: str | None) -> datetime | None:
+        return None if text is None else datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+    return pl.DataFrame(
+        {
+            "load_id": list(range(1, len(spans) + 1)),
+            "min_scheduled_time": [ts(a) for a, _ in spans],
+            "max_scheduled_time": [ts(b) for _, b in spans],
+        },
+        schema_overrides={
+            "min_scheduled_time": pl.Datetime("us", "UTC"),
+            "max_scheduled_time": pl.Datetime("us", "UTC"),
+        },
+    )
+
+
+def test_affected_day_ranges_merge_and_clip() -> None:
+    reach = timedelta(days=LATE_DATA_REACH_DAYS)
+    first, last = date(2023, 1, 1), date(2024, 12, 31)
+    ranges = affected_day_ranges(
+        loads(
+            ("2024-04-10T08:00:00", "2024-04-12T23:59:59"),
+            ("2024-04-11T00:00:00", "2024-04-11T01:00:00"),  # inside the first
+            ("2024-07-18T00:00:00", "2024-07-18T00:00:00"),  # the day after the first ends
+            (None, None),  # a tutors file
+            ("2024-12-01T00:00:00", "2025-02-01T00:00:00"),  # ends after the last partition
+            ("2022-12-30T00:00:00", "2023-01-02T00:00:00"),  # starts before the first
+            ("2025-03-01T00:00:00", "2025-03-02T00:00:00"),  # in the future
+        ),
+        first_day=first,
+        last_day=last,
+    )
+    assert ranges == [
+        (first, date(2023, 1, 2) + reach),
+        (date(2024, 4, 10), date(2024, 7, 18) + reach),
+        (date(2024, 12, 1), last),
+    ]
+    assert date(2024, 4, 12) + reach == date(2024, 7, 17)
+
+
+def write_sessions(landing: Path, name: str, times: list[datetime], prefix: str) -> None:
+    landing.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame(
+        {
+            "session_id": [f"{prefix}{i}" for i in range(len(times))],
+            "tutor_id": ["T1"] * len(times),
+            "scheduled_time": [t.isoformat() for t in times],
+            "status": ["completed"] * len(times),
+        }
+    ).write_csv(landing / name)
+
+
+def ingest(home: Settings) -> None:
+    with warehouse.connect(home.warehouse) as con:
+        warehouse.ensure_schema(con)
+        ingest_landing(
+            con, home.landing_dir, archive_dir=home.archive_dir, quarantine_dir=home.quarantine_dir
+        )
+
+
+def evaluate(home: Settings, cursor: str | None) -> dg.SensorResult | dg.SkipReason:
+    context = dg.build_sensor_context(
+        cursor=cursor, resources={"warehouse": WarehouseResource(path=str(home.warehouse))}
+    )
+    result = late_data_sensor(context)
+    assert isinstance(result, dg.SensorResult | dg.SkipReason)
+    return result
+
+
+def test_late_data_sensor_requests_one_range_run_per_late_load(home: Settings) -> None:
+    assert isinstance(evaluate(home, None), dg.SkipReason)  # no warehouse yet
+    start = daily_partitions.start.date()
+    last_key = daily_partitions.get_last_partition_key()
+    assert last_key is not None
+    last = date.fromisoformat(last_key)
+    at = datetime(2024, 4, 10, 8, tzinfo=UTC)
+    write_sessions(home.landing_dir, "sessions_1.csv", [at, at + timedelta(days=2)], "a")
+    pl.DataFrame({"tutor_id": ["T1"], "name": ["Ann"]}).write_csv(home.landing_dir / "tutors_1.csv")
+    ingest(home)
+
+    first = evaluate(home, None)
+    assert isinstance(first, dg.SensorResult)
+    assert first.cursor is not None and int(first.cursor) >= 2
+    [request] = first.run_requests or []
+    assert request.tags["dagster/asset_partition_range_start"] == "2024-04-10"
+    expected_end = min(last, date(2024, 4, 12) + timedelta(days=LATE_DATA_REACH_DAYS))
+    assert request.tags["dagster/asset_partition_range_end"] == expected_end.isoformat()
+    assert request.run_key is not None and request.run_key.startswith("late-data:")
+
+    again = evaluate(home, first.cursor)
+    assert isinstance(again, dg.SkipReason)
+
+    # A correction of an old day and a load of sessions still to come.
+    write_sessions(home.landing_dir, "sessions_2.csv", [datetime(2022, 12, 30, tzinfo=UTC)], "b")
+    future = datetime.combine(last + timedelta(days=3), datetime.min.time(), tzinfo=UTC)
+    write_sessions(home.landing_dir, "sessions_3.csv", [future], "c")
+    ingest(home)
+    later = evaluate(home, first.cursor)
+    assert isinstance(later, dg.SensorResult)
+    assert int(later.cursor or 0) == int(first.cursor) + 2
+    # 2022-12-30 reaches 96 days on; days before the first partition do not exist.
+    reach_end = date(2022, 12, 30) + timedelta(days=LATE_DATA_REACH_DAYS)
+    expected = [] if start > reach_end else [max(start, date(2022, 12, 30)).isoformat()]
+    starts = [r.tags["dagster/asset_partition_range_start"] for r in later.run_requests or []]
+    assert starts == expected
+
+    # The requested range run recomputes those partitions (checks included).
+    result = dg.materialize(
+        DAILY,
+        resources=resources(home.warehouse),
+        tags={k: v for k, v in request.tags.items() if k.startswith("dagster/")},
+    )
+    assert result.success and all(check_outcomes(result).values())
+    scores = table(home.warehouse, "tutor_scores_daily")
+    assert scores.get_column("as_of").min() == datetime(2024, 4, 11, tzinfo=UTC)
+
+
+def test_late_data_sensor_skips_while_the_warehouse_is_locked(home: Settings) -> None:
+    write_sessions(home.landing_dir, "sessions_1.csv", [datetime(2024, 4, 10, tzinfo=UTC)], "a")
+    ingest(home)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time\n"
+            f"con = duckdb.connect({str(home.warehouse)!r})\n"
+            "print('locked', flush=True)\n"
+            "sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        result = evaluate(home, None)
+        assert isinstance(result, dg.SkipReason)
+        assert "busy" in (result.skip_message or "")
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert isinstance(evaluate(home, None), dg.SensorResult)
+
+
+def test_late_data_sensor_waits_for_the_load_range_columns(home: Settings) -> None:
+    home.warehouse.parent.mkdir(parents=True, exist_ok=True)
+    with duckdb.connect(str(home.warehouse)) as con:
+        con.execute("CREATE TABLE loaded_files (load_id BIGINT, file_name VARCHAR)")
+        con.execute("INSERT INTO loaded_files VALUES (1, 'sessions_1.csv')")
+    result = evaluate(home, None)
+    assert isinstance(result, dg.SkipReason)
+    assert "min/max_scheduled_time" in (result.skip_message or "")
