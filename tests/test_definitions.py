@@ -36,7 +36,9 @@ def test_every_stage_is_an_asset_that_explains_itself() -> None:
 
 def test_hourly_assets_must_be_fresh_within_the_hour() -> None:
     specs = {s.key.to_user_string(): s for s in defs.resolve_all_asset_specs()}
-    for name in ("tutor_scores_current", "tutor_scores", "email_reports"):
+    for name in ("tutor_scores_current", "tutor_scores", "email_reports", "dashboard_site"):
+        assert specs[name].freshness_policy is not None, name
+    for name in ("tutor_daily_activity", "tutor_scores_daily", "tutor_score_history"):
         assert specs[name].freshness_policy is not None, name
 
 

@@ -54,6 +54,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     ),
     Setting("RISK_THRESHOLD", "0.15", "A window's reschedule rate above this is high risk."),
     Setting("MIN_SESSIONS", "5", "Sessions a window needs before its rate can flag a tutor."),
+    Setting("TUTOR_SCORING_SITE_DIR", "{home}/site", "Where the dashboard site is written."),
     Setting("EMAIL_SERVICE", "outbox", "Email backend: outbox | smtp | sendgrid."),
     Setting("EMAIL_OUTBOX_DIR", "{home}/outbox", "Where the outbox backend writes .eml files."),
     Setting("ADMIN_EMAIL", "admin@example.com", "Recipients of reports, comma-separated."),
@@ -95,6 +96,7 @@ class Settings:
     serving_horizon_days: int
     risk_threshold: float
     min_sessions: int
+    site_dir: Path
     email_service: str
     outbox_dir: Path
     admin_emails: tuple[str, ...]
@@ -133,6 +135,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         min_sessions = int(text("MIN_SESSIONS"))
         smtp_port = int(text("SMTP_PORT"))
         horizon = int(text("SERVING_HORIZON_DAYS"))
+        if horizon < 0:
+            raise ValueError("SERVING_HORIZON_DAYS must be 0 (keep all) or more")
     except ValueError as exc:
         raise ValueError(f"bad number in the environment: {exc}") from None
     if not 0 <= threshold <= 1:
@@ -150,6 +154,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         serving_horizon_days=horizon,
         risk_threshold=threshold,
         min_sessions=min_sessions,
+        site_dir=path("TUTOR_SCORING_SITE_DIR"),
         email_service=text("EMAIL_SERVICE").strip().lower(),
         outbox_dir=path("EMAIL_OUTBOX_DIR"),
         admin_emails=tuple(a.strip() for a in text("ADMIN_EMAIL").split(",") if a.strip()),

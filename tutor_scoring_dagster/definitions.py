@@ -11,7 +11,16 @@ import dagster as dg
 HOURLY_FRESHNESS = dg.FreshnessPolicy.time_window(
     fail_window=timedelta(hours=1), warn_window=timedelta(minutes=50)
 )
-HOURLY_ASSETS = dg.AssetSelection.assets("tutor_scores_current", "tutor_scores", "email_reports")
+HOURLY_ASSETS = dg.AssetSelection.assets(
+    "tutor_scores_current", "tutor_scores", "email_reports", "dashboard_site"
+)
+# Yesterday's daily partition is due by 01:30 UTC (the daily schedule starts at 00:15).
+DAILY_FRESHNESS = dg.FreshnessPolicy.cron(
+    deadline_cron="30 1 * * *", lower_bound_delta=timedelta(hours=24), timezone="UTC"
+)
+DAILY_ASSETS = dg.AssetSelection.assets(
+    "tutor_daily_activity", "tutor_scores_daily", "tutor_score_history"
+)
 
 
 def _unique(items: Iterable[object] | None) -> list[object]:
@@ -31,9 +40,14 @@ def _once_each(defs: dg.Definitions) -> dg.Definitions:
     )
 
 
-defs = _once_each(
-    dg.load_from_defs_folder(path_within_project=Path(__file__).parent)
-).map_resolved_asset_specs(
-    func=lambda spec: dg.apply_freshness_policy(spec, HOURLY_FRESHNESS),
-    selection=HOURLY_ASSETS,
+defs = (
+    _once_each(dg.load_from_defs_folder(path_within_project=Path(__file__).parent))
+    .map_resolved_asset_specs(
+        func=lambda spec: dg.apply_freshness_policy(spec, HOURLY_FRESHNESS),
+        selection=HOURLY_ASSETS,
+    )
+    .map_resolved_asset_specs(
+        func=lambda spec: dg.apply_freshness_policy(spec, DAILY_FRESHNESS),
+        selection=DAILY_ASSETS,
+    )
 )

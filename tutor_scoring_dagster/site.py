@@ -101,8 +101,7 @@ class SiteStats:
 
 def default_site_dir() -> Path:
     """Where the site is written: TUTOR_SCORING_SITE_DIR, else ``<TUTOR_SCORING_HOME>/site``."""
-    configured = os.environ.get("TUTOR_SCORING_SITE_DIR")
-    return Path(configured) if configured else load_settings().home / "site"
+    return load_settings().site_dir
 
 
 def read_site_data(

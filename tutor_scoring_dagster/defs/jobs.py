@@ -10,15 +10,18 @@ from tutor_scoring_dagster.defs.ingest.assets import landing_drops
 from tutor_scoring_dagster.defs.partitions import daily_partitions
 from tutor_scoring_dagster.defs.publish.assets import tutor_score_history, tutor_scores
 from tutor_scoring_dagster.defs.reports.assets import email_reports
+from tutor_scoring_dagster.defs.reports.checks import email_delivery_latency
 from tutor_scoring_dagster.defs.resources import default_resources
 from tutor_scoring_dagster.defs.scores.assets import (
     tutor_daily_activity,
     tutor_scores_current,
     tutor_scores_daily,
 )
+from tutor_scoring_dagster.defs.scores.checks import SCORE_CHECKS
+from tutor_scoring_dagster.defs.site.assets import dashboard_site
 from tutor_scoring_dagster.scoring import floor_to_hour, snapshot_day
 
-HOURLY_ASSETS = [landing_drops, tutor_scores_current, tutor_scores, email_reports]
+HOURLY_ASSETS = [landing_drops, tutor_scores_current, tutor_scores, email_reports, dashboard_site]
 DAILY_ASSETS = [tutor_daily_activity, tutor_scores_daily, tutor_score_history]
 
 hourly_scoring_job = dg.define_asset_job(
@@ -99,7 +102,8 @@ def run_pipeline(
     last_day = snapshot_day(as_of)
     start = daily_partitions.start.date()
     first_day = max(start, last_day - timedelta(days=history_days - 1))
-    assets: list[Any] = list(HOURLY_ASSETS)
+    # Checks run with their assets: a blocking failure stops what would publish bad scores.
+    assets: list[Any] = [*HOURLY_ASSETS, *SCORE_CHECKS, email_delivery_latency]
     tags: dict[str, str] = {}
     days = None
     if last_day >= start:
