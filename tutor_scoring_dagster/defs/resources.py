@@ -25,9 +25,11 @@ def _settings() -> Settings:
 class LandingResource(dg.ConfigurableResource):
     """The landing folder and where its files go after ingest."""
 
-    landing_dir: str | None = Field(None, description="Env TUTOR_SCORING_LANDING_DIR.")
-    archive_dir: str | None = Field(None, description="Env TUTOR_SCORING_ARCHIVE_DIR.")
-    quarantine_dir: str | None = Field(None, description="Env TUTOR_SCORING_QUARANTINE_DIR.")
+    landing_dir: str | None = Field(default=None, description="Env TUTOR_SCORING_LANDING_DIR.")
+    archive_dir: str | None = Field(default=None, description="Env TUTOR_SCORING_ARCHIVE_DIR.")
+    quarantine_dir: str | None = Field(
+        default=None, description="Env TUTOR_SCORING_QUARANTINE_DIR."
+    )
 
     def landing(self) -> Path:
         return Path(self.landing_dir) if self.landing_dir else _settings().landing_dir
@@ -42,7 +44,7 @@ class LandingResource(dg.ConfigurableResource):
 class WarehouseResource(dg.ConfigurableResource):
     """The DuckDB warehouse file."""
 
-    path: str | None = Field(None, description="Env TUTOR_SCORING_WAREHOUSE.")
+    path: str | None = Field(default=None, description="Env TUTOR_SCORING_WAREHOUSE.")
 
     def file(self) -> Path:
         return Path(self.path) if self.path else _settings().warehouse
@@ -60,9 +62,9 @@ class ServingStoreResource(dg.ConfigurableResource):
     """The serving store (Postgres in production, SQLite by default)."""
 
     database_url: str | None = Field(
-        None, description="Env DATABASE_URL (kept out of the UI: it may hold a password)."
+        default=None, description="Env DATABASE_URL (kept out of the UI: it may hold a password)."
     )
-    horizon_days: int | None = Field(None, description="Env SERVING_HORIZON_DAYS (0: all).")
+    horizon_days: int | None = Field(default=None, description="Env SERVING_HORIZON_DAYS (0: all).")
 
     def url(self) -> str:
         return self.database_url or _settings().database_url
@@ -84,8 +86,8 @@ class ServingStoreResource(dg.ConfigurableResource):
 class RiskRuleResource(dg.ConfigurableResource):
     """The risk rule's parameters (DESIGN.md, "Scores")."""
 
-    threshold: float | None = Field(None, description="Env RISK_THRESHOLD (default 0.15).")
-    min_sessions: int | None = Field(None, description="Env MIN_SESSIONS (default 5).")
+    threshold: float | None = Field(default=None, description="Env RISK_THRESHOLD (default 0.15).")
+    min_sessions: int | None = Field(default=None, description="Env MIN_SESSIONS (default 5).")
 
     def rule(self) -> RiskRule:
         s = _settings()
@@ -102,10 +104,12 @@ class EmailResource(dg.ConfigurableResource):
     run configuration, so they do not show in the Dagster UI.
     """
 
-    service: str | None = Field(None, description="Env EMAIL_SERVICE: outbox | smtp | sendgrid.")
-    outbox_dir: str | None = Field(None, description="Env EMAIL_OUTBOX_DIR.")
-    recipients: str | None = Field(None, description="Env ADMIN_EMAIL, comma-separated.")
-    sender_address: str | None = Field(None, description="Env EMAIL_FROM.")
+    service: str | None = Field(
+        default=None, description="Env EMAIL_SERVICE: outbox | smtp | sendgrid."
+    )
+    outbox_dir: str | None = Field(default=None, description="Env EMAIL_OUTBOX_DIR.")
+    recipients: str | None = Field(default=None, description="Env ADMIN_EMAIL, comma-separated.")
+    sender_address: str | None = Field(default=None, description="Env EMAIL_FROM.")
 
     def settings(self) -> Settings:
         return _settings()
