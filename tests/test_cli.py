@@ -129,3 +129,23 @@ def test_store_problems_are_one_line(home: Settings) -> None:
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1
     assert "DATABASE_URL is not a usable SQLAlchemy URL" in done.stderr
+
+
+def test_backtest_replays_the_warehouse(scored: Settings, tmp_path: Path) -> None:
+    done = cli(scored, "backtest", "--from", "2026-02-20", "--to", "2026-02-28")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("| rule | flagged tutor-days")
+    assert "| original |" in done.stdout and "| watch_or_high |" in done.stdout
+    missing = cli(
+        scored,
+        "backtest",
+        "--from",
+        "2026-02-20",
+        "--to",
+        "2026-02-28",
+        "--labels",
+        str(tmp_path / "nope.csv"),
+    )
+    assert missing.returncode == 2 and "no labels file" in missing.stderr
+    bad = cli(scored, "backtest", "--from", "2026-02-20", "--to", "2026-02-28", "--every", "x")
+    assert bad.returncode == 2 and "number of days" in bad.stderr

@@ -51,6 +51,13 @@ def _not_negative(text: str) -> int:
     return value
 
 
+def _days(text: str) -> int:
+    value = text.removesuffix("d")
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"not a number of days like 1d or 7d: {text!r}")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``tutor-scoring``."""
     parser = argparse.ArgumentParser(
@@ -109,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     tutor.add_argument("tutor_id")
     tutor.add_argument("--history-days", type=_positive, default=30)
     tutor.add_argument("--json", action="store_true", help="one JSON object")
+
+    backtest = sub.add_parser(
+        "backtest", help="replay daily snapshots and score each risk rule (issue 11)"
+    )
+    backtest.add_argument("--from", dest="start", type=_parse_date, required=True)
+    backtest.add_argument("--to", dest="end", type=_parse_date, required=True)
+    backtest.add_argument("--every", type=_days, default=1, help="e.g. 1d (default) or 7d")
+    backtest.add_argument("--labels", type=Path, default=None, help="a ground_truth.csv")
+    backtest.add_argument("--json", action="store_true")
 
     health = sub.add_parser("health", help="check every part the pipeline depends on")
     health.add_argument("--json", action="store_true", help="one JSON object per check")
@@ -403,7 +419,24 @@ def cmd_tutor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backtest(args: argparse.Namespace) -> int:
+    from tutor_scoring_dagster import warehouse
+    from tutor_scoring_dagster.backtest import run_backtest
+    from tutor_scoring_dagster.config import load_settings
+
+    if args.labels is not None and not args.labels.is_file():
+        raise ValueError(f"no labels file at {args.labels}")
+    path = load_settings().warehouse
+    if not path.exists():
+        raise LookupError(f"no warehouse at {path}: run the pipeline first")
+    with warehouse.connect(path, read_only=True) as con:
+        results = run_backtest(con, args.start, args.end, every_days=args.every, labels=args.labels)
+    print(results.to_json() if args.json else results.to_markdown())
+    return 0
+
+
 COMMANDS: dict[str, Any] = {
+    "backtest": cmd_backtest,
     "tutors": cmd_tutors,
     "tutor": cmd_tutor,
     "health": cmd_health,
