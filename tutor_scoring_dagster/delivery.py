@@ -35,6 +35,8 @@ from sendgrid import SendGridAPIClient
 from sendgrid.helpers.mail import CustomArg, Header, Mail
 from sendgrid.helpers.mail.exceptions import SendGridException
 
+from tutor_scoring_dagster.config import Settings
+
 logger = logging.getLogger(__name__)
 
 KEY_HEADER: Final = "X-Tutor-Scoring-Key"
@@ -582,3 +584,20 @@ def make_sender(
         return SendGridSender(sendgrid_api_key, host=sendgrid_host or DEFAULT_SENDGRID_HOST)
     choices = ", ".join(EMAIL_SERVICES)
     raise ValueError(f"unknown EMAIL_SERVICE {service!r}: set EMAIL_SERVICE to one of {choices}")
+
+
+def sender_from_settings(
+    settings: Settings, *, service: str | None = None, outbox_dir: Path | None = None
+) -> EmailSender:
+    """The sender that ``settings`` configure (``service`` / ``outbox_dir`` override them)."""
+    return make_sender(
+        service or settings.email_service,
+        outbox_dir=outbox_dir or settings.outbox_dir,
+        smtp_host=settings.smtp_host,
+        smtp_port=settings.smtp_port,
+        smtp_username=settings.smtp_username,
+        smtp_password=settings.smtp_password,
+        smtp_starttls=settings.smtp_starttls,
+        sendgrid_api_key=settings.sendgrid_api_key,
+        sendgrid_host=settings.sendgrid_host,
+    )

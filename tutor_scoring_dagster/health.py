@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from tutor_scoring_dagster import warehouse
 from tutor_scoring_dagster.config import Settings
-from tutor_scoring_dagster.delivery import make_sender
+from tutor_scoring_dagster.delivery import sender_from_settings
 from tutor_scoring_dagster.ingest import list_landing
 from tutor_scoring_dagster.scoring import as_utc
 from tutor_scoring_dagster.store import migrate
@@ -126,17 +126,7 @@ def check_store(settings: Settings, now: datetime) -> list[Check]:
 def check_email(settings: Settings) -> Check:
     """The email backend is configured well enough to build a sender."""
     try:
-        sender = make_sender(
-            settings.email_service,
-            outbox_dir=settings.outbox_dir,
-            smtp_host=settings.smtp_host,
-            smtp_port=settings.smtp_port,
-            smtp_username=settings.smtp_username,
-            smtp_password=settings.smtp_password,
-            smtp_starttls=settings.smtp_starttls,
-            sendgrid_api_key=settings.sendgrid_api_key,
-            sendgrid_host=settings.sendgrid_host,
-        )
+        sender = sender_from_settings(settings)
     except ValueError as exc:
         return Check("email", False, str(exc))
     if not settings.admin_emails:

@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 
 from tutor_scoring_dagster import warehouse
 from tutor_scoring_dagster.config import Settings, load_settings
-from tutor_scoring_dagster.delivery import EmailSender, make_sender
+from tutor_scoring_dagster.delivery import EmailSender, sender_from_settings
 from tutor_scoring_dagster.scoring import RiskRule
 from tutor_scoring_dagster.store.publish import create_store_engine
 
@@ -123,17 +123,10 @@ class EmailResource(dg.ConfigurableResource):
         return self.sender_address or _settings().email_from
 
     def sender(self) -> EmailSender:
-        s = _settings()
-        return make_sender(
-            self.service or s.email_service,
-            outbox_dir=Path(self.outbox_dir) if self.outbox_dir else s.outbox_dir,
-            smtp_host=s.smtp_host,
-            smtp_port=s.smtp_port,
-            smtp_username=s.smtp_username,
-            smtp_password=s.smtp_password,
-            smtp_starttls=s.smtp_starttls,
-            sendgrid_api_key=s.sendgrid_api_key,
-            sendgrid_host=s.sendgrid_host,
+        return sender_from_settings(
+            _settings(),
+            service=self.service,
+            outbox_dir=Path(self.outbox_dir) if self.outbox_dir else None,
         )
 
 
