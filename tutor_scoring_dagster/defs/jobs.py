@@ -131,11 +131,21 @@ def run_pipeline(
             summary.metadata[mat.asset_key.to_user_string()] = {
                 k: v.value for k, v in mat.metadata.items()
             }
-        elif event.is_failure and event.event_specific_data is not None:
-            error = getattr(event.event_specific_data, "error", None)
-            if error is not None:
-                summary.errors.append(f"{event.step_key}: {error.message.strip()}")
+        elif event.is_step_failure:
+            summary.errors.append(f"{event.step_key}: {_failure_reason(event)}")
     return summary
+
+
+def _failure_reason(event: dg.DagsterEvent) -> str:
+    """The reason a step failed as people need it: the Failure's description if it raised
+    one, else the innermost error (after retries Dagster wraps it in 'Exceeded max_retries')."""
+    data = event.step_failure_data
+    if data.user_failure_data is not None and data.user_failure_data.description:
+        return data.user_failure_data.description.strip()
+    error = data.error
+    while error is not None and error.cause is not None:
+        error = error.cause
+    return " ".join((error.message if error else "unknown error").split())
 
 
 def _instance() -> dg.DagsterInstance:
