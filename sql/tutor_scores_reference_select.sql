@@ -6,26 +6,26 @@
 --
 -- C is taken on a grid of instants one day apart, from $earliest (the first instant less 90
 -- days) to $latest (the last instant), so C(T - W) is W grid steps before C(T). Sessions
--- before $earliest only tell when a tutor was first seen.
+-- before $earliest only tell when a tutor was first seen (so only those from $earliest on are
+-- grouped by instant: a short range reads a short span of sessions).
 WITH tutor_moved AS (
     SELECT DISTINCT session_id
     FROM reschedules
     WHERE initiator = 'tutor'
 ),
 per_instant AS MATERIALIZED (
-    -- Sessions per tutor and scheduled instant (several may share one), in one pass over the
-    -- sessions view; those before $earliest share a null instant.
+    -- Sessions per tutor and scheduled instant (several may share one) from $earliest on:
+    -- only these are counted; earlier ones only tell when a tutor was first seen.
     SELECT
         s.tutor_id,
-        CASE WHEN s.scheduled_time >= $earliest THEN s.scheduled_time END AS scheduled_time,
-        min(s.scheduled_time) AS first_time,
+        s.scheduled_time,
         count(*) AS sessions,
         count(m.session_id) AS tutor_reschedules,
         count(*) FILTER (WHERE s.status = 'no_show') AS no_shows
     FROM sessions AS s
     LEFT JOIN tutor_moved AS m USING (session_id)
-    WHERE s.scheduled_time < $latest
-    GROUP BY s.tutor_id, CASE WHEN s.scheduled_time >= $earliest THEN s.scheduled_time END
+    WHERE s.scheduled_time >= $earliest AND s.scheduled_time < $latest
+    GROUP BY s.tutor_id, s.scheduled_time
 ),
 running AS (
     -- Per tutor, the counts of sessions scheduled from $earliest up to each instant.
@@ -36,14 +36,14 @@ running AS (
         sum(tutor_reschedules) OVER tutor_so_far AS tutor_reschedules,
         sum(no_shows) OVER tutor_so_far AS no_shows
     FROM per_instant
-    WHERE scheduled_time IS NOT NULL
     WINDOW tutor_so_far AS (
         PARTITION BY tutor_id ORDER BY scheduled_time ROWS UNBOUNDED PRECEDING
     )
 ),
 first_seen AS (
-    SELECT tutor_id, min(first_time) AS first_time
-    FROM per_instant
+    SELECT tutor_id, min(scheduled_time) AS first_time
+    FROM sessions
+    WHERE scheduled_time < $latest
     GROUP BY tutor_id
 ),
 grid AS (

@@ -35,11 +35,19 @@ CREATE TABLE IF NOT EXISTS rejected_rows (
     raw_record   JSON                             -- the row as it was read, to fix and re-drop
 );
 
+-- One row per tutor and day by construction (materialize_daily_activity replaces whole day
+-- ranges with grouped rows); no primary key, whose index made every rebuild's insert slow.
 CREATE TABLE IF NOT EXISTS tutor_daily_activity (
     tutor_id           VARCHAR NOT NULL,
     activity_date      DATE NOT NULL,
     sessions           BIGINT NOT NULL,
     tutor_reschedules  BIGINT NOT NULL,
-    no_shows           BIGINT NOT NULL,
-    PRIMARY KEY (tutor_id, activity_date)
+    no_shows           BIGINT NOT NULL
+);
+
+-- Up to which load (loaded_files.load_id) the current tables sessions_current and
+-- reschedules_current hold every export (see current_views_create.sql).
+CREATE TABLE IF NOT EXISTS current_loads (
+    entity   VARCHAR PRIMARY KEY,
+    load_id  BIGINT NOT NULL
 );

@@ -24,7 +24,8 @@ import shutil
 import stat
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +37,12 @@ import polars as pl
 
 from tutor_scoring_dagster.paths import load_sql
 from tutor_scoring_dagster.schemas import DROP_MODELS, drop_columns, required_columns
-from tutor_scoring_dagster.warehouse import fetch_one, raw_frame_schema, raw_table
+from tutor_scoring_dagster.warehouse import (
+    fetch_one,
+    raw_frame_schema,
+    raw_table,
+    refresh_current,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,10 @@ FORMATS: Final = {".csv": "csv", ".csv.gz": "csv", ".parquet": "parquet"}
 IN_PROGRESS_SUFFIXES: Final = (".tmp", ".part", ".partial", ".crdownload")
 REJECTED_SUFFIX: Final = ".rejected.csv"
 REASON_SUFFIX: Final = ".reason.txt"
+DEFER_CHECKPOINTS_FILES: Final = 10
+PASS_CHECKPOINT_THRESHOLD: Final = "1GB"
+PREPARE_AHEAD: Final = 1
+"""Files read and validated ahead of the one loading (each held in memory until loaded)."""
 
 TOUCHED_TIME_COLUMN: Final = {"sessions": "scheduled_time", "reschedules": "original_time"}
 """The column whose range ``loaded_files.min/max_scheduled_time`` records, per entity."""
@@ -932,35 +942,31 @@ def _duplicate(
     return FileResult(path.name, drop.entity, digest, "duplicate", reason=reason, moved_to=moved)
 
 
-def ingest_file(
-    con: duckdb.DuckDBPyConnection,
-    path: Path,
-    *,
-    archive_dir: Path,
-    quarantine_dir: Path,
-    fail_after_rows: int | None = None,
-) -> FileResult:
-    """Load one landing file (or recognise it as loaded already) and move it out of landing.
+@dataclass(frozen=True)
+class PreparedFile:
+    """A landing file read, hashed, typed and validated, not yet loaded (`prepare_file`)."""
 
-    A symbolic link is quarantined as it is: its target is never opened.
-    """
+    path: Path
+    drop: Drop
+    digest: str = ""
+    typed: TypedDrop | None = None
+    rejected: str | None = None  # why nothing of the file can be loaded
+    link_target: str | None = None  # a symbolic link: quarantined as it is, never read
+    gone: bool = False  # no longer in the landing folder
+
+
+def prepare_file(path: Path) -> PreparedFile:
+    """Everything of a file's ingest that needs no warehouse: read it once (the bytes hashed
+    are the bytes loaded, even if the file changes meanwhile), type and validate its rows.
+    Runs ahead of loading in `ingest_landing`, on another core."""
     drop = classify(path)
     if path.is_symlink():
-        target = os.readlink(path)
-        digest = hashlib.sha256(os.fsencode(target)).hexdigest()
-        reason = f"a symbolic link (to {target}); only regular files are ingested, never read"
-        return _quarantine(con, drop, digest, reason, quarantine_dir)
-    # One read: the bytes hashed are the bytes loaded, even if the file changes meanwhile.
+        return PreparedFile(path, drop, link_target=os.readlink(path))
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        reason = "no longer in the landing folder (ingested or moved by another run)"
-        log.warning("skipped %s: %s", path.name, reason)
-        return FileResult(path.name, drop.entity, "", "skipped", reason=reason)
+        return PreparedFile(path, drop, gone=True)
     digest = hashlib.sha256(data).hexdigest()
-    already = fetch_one(con, load_sql("loaded_files_by_hash_select"), [digest])
-    if already is not None:
-        return _duplicate(con, drop, digest, already, archive_dir)
     try:
         if drop.entity is None:
             raise FileRejected(
@@ -982,10 +988,47 @@ def ingest_file(
                 f"{first['line_number']}, {first['column_name']}: {first['reason']})"
             )
     except FileRejected as exc:
-        return _quarantine(con, drop, digest, str(exc), quarantine_dir)
+        return PreparedFile(path, drop, digest, rejected=str(exc))
+    return PreparedFile(path, drop, digest, typed=typed)
+
+
+def ingest_file(
+    con: duckdb.DuckDBPyConnection,
+    path: Path,
+    *,
+    archive_dir: Path,
+    quarantine_dir: Path,
+    fail_after_rows: int | None = None,
+    prepared: PreparedFile | None = None,
+) -> FileResult:
+    """Load one landing file (or recognise it as loaded already) and move it out of landing.
+
+    A symbolic link is quarantined as it is: its target is never opened. ``prepared`` is the
+    file's `prepare_file`, when it was done ahead.
+    """
+    ready = prepared if prepared is not None and prepared.path == path else prepare_file(path)
+    drop = ready.drop
+    if ready.link_target is not None:
+        target = ready.link_target
+        digest = hashlib.sha256(os.fsencode(target)).hexdigest()
+        reason = f"a symbolic link (to {target}); only regular files are ingested, never read"
+        return _quarantine(con, drop, digest, reason, quarantine_dir)
+    if ready.gone:
+        reason = "no longer in the landing folder (ingested or moved by another run)"
+        log.warning("skipped %s: %s", path.name, reason)
+        return FileResult(path.name, drop.entity, "", "skipped", reason=reason)
+    digest = ready.digest
+    already = fetch_one(con, load_sql("loaded_files_by_hash_select"), [digest])
+    if already is not None:
+        return _duplicate(con, drop, digest, already, archive_dir)
+    if ready.rejected is not None:
+        return _quarantine(con, drop, digest, ready.rejected, quarantine_dir)
+    typed = ready.typed
+    assert typed is not None
     load_id = load_drop(con, drop, digest, typed, fail_after_rows=fail_after_rows)
     moved = move_file(path, archive_dir, digest)
-    write_rejected_csv(con, load_id, moved.with_name(moved.name + REJECTED_SUFFIX))
+    if typed.rows_rejected:
+        write_rejected_csv(con, load_id, moved.with_name(moved.name + REJECTED_SUFFIX))
     result = FileResult(
         file_name=path.name,
         entity=drop.entity,
@@ -1030,11 +1073,49 @@ def ingest_landing(
                     FileResult(p.name, classify(p).entity, "", "skipped", reason=problem)
                 )
         todo.sort(key=_drop_order)
-    for path in todo:
-        report.files.append(
-            ingest_file(con, path, archive_dir=archive_dir, quarantine_dir=quarantine_dir)
-        )
+    # The next file is read and validated (Polars, Pandera) while this one loads (DuckDB):
+    # the two overlap on two cores. Files still load one at a time, in order. Checkpoints
+    # wait for the end of the pass (each file's commit is still durable in the WAL).
+    with ThreadPoolExecutor(max_workers=1) as preparer, _checkpoints_deferred(con, len(todo)):
+        ahead: list[Future[PreparedFile] | None] = [
+            preparer.submit(prepare_file, p) for p in todo[:PREPARE_AHEAD]
+        ]
+        for i, path in enumerate(todo):
+            future = ahead[i]
+            assert future is not None
+            prepared = future.result()
+            ahead[i] = None  # loaded files are not kept in memory
+            if i + PREPARE_AHEAD < len(todo):
+                ahead.append(preparer.submit(prepare_file, todo[i + PREPARE_AHEAD]))
+            report.files.append(
+                ingest_file(
+                    con,
+                    path,
+                    archive_dir=archive_dir,
+                    quarantine_dir=quarantine_dir,
+                    prepared=prepared,
+                )
+            )
+    # Once per pass, not per file: merging is a join against every current row.
+    if report.count("loaded"):
+        refresh_current(con)
     return report
+
+
+@contextlib.contextmanager
+def _checkpoints_deferred(con: duckdb.DuckDBPyConnection, files: int) -> Iterator[None]:
+    """For a pass of many files: no automatic checkpoint between them (by default DuckDB
+    checkpoints every 16 MB of WAL, rewriting storage every few files), one at the end."""
+    if files < DEFER_CHECKPOINTS_FILES:
+        yield
+        return
+    con.execute(f"SET checkpoint_threshold = '{PASS_CHECKPOINT_THRESHOLD}'")
+    try:
+        yield
+    finally:
+        con.execute("RESET checkpoint_threshold")
+        with contextlib.suppress(duckdb.Error):  # closing the warehouse checkpoints too
+            con.execute("CHECKPOINT")
 
 
 def _drop_order(path: Path) -> tuple[int, str]:

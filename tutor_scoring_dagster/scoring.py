@@ -52,6 +52,10 @@ the furthest is the day-before flag of the 90-day window, 90 days on)."""
 assert LOOKBACK_DAYS - TREND_LAG_DAYS >= LONGEST_WINDOW - 1
 assert TREND_WINDOW in WINDOWS_DAYS
 
+CHUNK_DAYS: Final = 180
+"""Snapshot days scored, validated or audited at a time: a 3-year range at once held several
+copies of 5 million wide rows (8 GB); per chunk, one copy and a chunk's worth of work."""
+
 WILSON_Z: Final = 1.959963984540054  # two-sided 95%
 COUNTS: Final = {
     "sessions": "total_sessions",
@@ -334,7 +338,14 @@ def score_snapshots(
         con, start=day_start(calendar_start, offset), end=end, offset=offset
     )
     days = pl.date_range(first_day, last_day, "1d", eager=True).to_list()
-    return validate_scores(compute_scores(activity, first, days, offset=offset, rule=rule))
+    # Chunks of consecutive days: each is scored exactly as a run of its own days would be.
+    chunks = [
+        validate_scores(
+            compute_scores(activity, first, days[i : i + CHUNK_DAYS], offset=offset, rule=rule)
+        )
+        for i in range(0, len(days), CHUNK_DAYS)
+    ]
+    return pl.concat(chunks, rechunk=False) if len(chunks) > 1 else chunks[0]
 
 
 def score_as_of(con: duckdb.DuckDBPyConnection, as_of: datetime, rule: RiskRule) -> pl.DataFrame:
@@ -432,7 +443,43 @@ def audit_scores(
     con: duckdb.DuckDBPyConnection, scores: pl.DataFrame, instants: list[datetime]
 ) -> list[Finding]:
     """Check score rows published for the as-of ``instants`` against the warehouse: one
-    :class:`Finding` per entry of :data:`AUDITS`, in that order."""
+    :class:`Finding` per entry of :data:`AUDITS`, in that order.
+
+    Long ranges are checked :data:`CHUNK_DAYS` instants at a time (every row in exactly one
+    chunk, by its as-of), with the same findings as at once."""
+    utc = sorted({as_utc(t) for t in instants})
+    if len(utc) <= CHUNK_DAYS:
+        return _audit_chunk(con, scores, instants)
+    parts: list[list[Finding]] = []
+    for i in range(0, len(utc), CHUNK_DAYS):
+        chunk = utc[i : i + CHUNK_DAYS]
+        inside = pl.lit(True)
+        if i > 0:
+            inside &= pl.col("as_of") >= chunk[0]
+        if i + CHUNK_DAYS < len(utc):
+            inside &= pl.col("as_of") < utc[i + CHUNK_DAYS]
+        parts.append(_audit_chunk(con, scores.filter(inside), chunk))
+    findings = []
+    for j, name in enumerate(AUDITS):
+        failures = pl.concat([part[j].failures for part in parts], how="vertical_relaxed")
+        if name == "rates_consistent_with_counts":
+            failures = (
+                failures.group_by("check", "column")
+                .agg(pl.col("rows").sum().cast(pl.UInt32))
+                .sort("check", "column")
+            )
+        elif name == "tutors_known":
+            failures = failures.unique().sort("tutor_id")
+        elif name == "counts_reconcile_with_sessions":
+            failures = failures.sort("tutor_id", "as_of")
+        findings.append(Finding(name, failures))
+    return findings
+
+
+def _audit_chunk(
+    con: duckdb.DuckDBPyConnection, scores: pl.DataFrame, instants: list[datetime]
+) -> list[Finding]:
+    """:func:`audit_scores` of the rows for some consecutive instants, at once."""
     keys = ["tutor_id", "as_of"]
     duplicates = scores.group_by(keys).len("rows").filter(pl.col("rows") > 1).sort(keys)
     unexpected_as_of = scores.filter(~pl.col("as_of").is_in(instants)).select(keys)

@@ -31,6 +31,10 @@ LOCK_WAIT_S: Final = 120.0
 SCORE_TABLES: Final = ("tutor_scores_daily", "tutor_scores_current")
 """Warehouse tables holding score snapshots (columns: the TutorScores model)."""
 
+CURRENT_ENTITIES: Final = ("sessions", "reschedules")
+"""Entities whose current state is kept in a table, ``<entity>_current`` (the latest export of
+each row, as of the loads recorded in ``current_loads``), behind the view ``<entity>``."""
+
 
 class WarehouseLockedError(RuntimeError):
     """Another process held the warehouse for longer than we were willing to wait."""
@@ -142,7 +146,56 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
                     con.execute(f'ALTER TABLE {table} ADD COLUMN "{name}" {col_type[0]}')
         finally:
             con.unregister("raw_columns")
+    for entity in CURRENT_ENTITIES:
+        _ensure_current_table(con, entity)
+    if fetch_one(con, load_sql("tutor_daily_activity_primary_key_select")) == (True,):
+        con.execute(load_sql("tutor_daily_activity_rebuild"))
     con.execute(load_sql("current_views_create"))
+    refresh_current(con)
+
+
+def _ensure_current_table(con: duckdb.DuckDBPyConnection, entity: str) -> None:
+    """``<entity>_current``: the columns of ``raw_<entity>`` but the unknown extras, in order."""
+    raw, current = raw_table(entity), f"{entity}_current"
+    # Both names come from closed sets (CURRENT_ENTITIES, raw_table), never from input.
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {current} AS "  # noqa: S608
+        f"SELECT * EXCLUDE (extra_columns) FROM {raw} LIMIT 0"
+    )
+    columns = "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ?"
+    have = {row[0] for row in con.execute(columns, [current]).fetchall()}
+    for name, col_type in con.execute(columns + " ORDER BY ordinal_position", [raw]).fetchall():
+        if name != "extra_columns" and name not in have:
+            con.execute(f'ALTER TABLE {current} ADD COLUMN "{name}" {col_type}')
+
+
+def refresh_current(con: duckdb.DuckDBPyConnection) -> int:
+    """Merge the loads not yet in ``sessions_current`` / ``reschedules_current`` into them, in
+    one transaction; return the newest load id now merged (0: they were up to date).
+
+    Ingest calls this after each pass, and every writable connection after creating the
+    schema (so a pass that stopped early, or a warehouse older than these tables, catches up).
+    The views read pending loads on the fly meanwhile, so this changes speed, never results.
+    """
+    state = fetch_one(con, load_sql("current_loads_select"))
+    assert state is not None
+    newest, *merged = (int(v) for v in state)  # type: ignore[call-overload]
+    behind = {e: after for e, after in zip(CURRENT_ENTITIES, merged, strict=True) if after < newest}
+    if not behind:
+        return 0
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for entity, after in behind.items():
+            bounds = {"after": after, "upto": newest}
+            if after:  # at watermark 0 the current table is empty: nothing to supersede
+                con.execute(load_sql(f"{entity}_current_delete"), bounds)
+            con.execute(load_sql(f"{entity}_current_insert"), bounds)
+            con.execute(load_sql("current_loads_upsert"), {"entity": entity, "load_id": newest})
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return newest
 
 
 def replace_rows(

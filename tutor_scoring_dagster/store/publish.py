@@ -7,6 +7,12 @@ one ``INSERT .. SELECT .. ON CONFLICT DO UPDATE .. WHERE <row changed>`` per tab
 new and changed rows, and one anti-join ``DELETE`` per table removes the rows the input no longer
 has. A re-run with the same input writes nothing and leaves ``updated_at`` /
 ``last_calculated_at`` alone.
+
+On Postgres, a big frame whose table holds no row in the scope it replaces (a first publish, a
+backfill of new days) skips the stage: it is copied straight into its table, where the merge
+would have inserted every row anyway. Into an empty table, its foreign keys and secondary
+indexes are dropped for the copy and made again after it, in the same transaction (one
+set-based check and one sorted index build instead of a lookup and an index insert per row).
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ PUBLISH_MEMORY: Final = "256MB"
 """Postgres ``temp_buffers`` and ``work_mem`` of a publish: staged rows and hash joins stay in
 memory (the server's defaults, 8MB and 4MB, spill a million-row publish to disk)."""
 STAMPS: Final = frozenset({"updated_at", "last_calculated_at"})
+DIRECT_COPY_MIN_ROWS: Final = 100_000
+"""Rows from which a frame replacing nothing is copied straight into its table (Postgres)."""
 
 Columns: TypeAlias = sa.ColumnCollection[str, sa.ColumnElement[Any]]
 
@@ -192,19 +200,75 @@ def _publish(
     started = time.perf_counter()
     ensure_current(engine, auto_upgrade=auto_upgrade)
     stats = PublishStats()
+    scopes = dict(mirror)
     with locked_transaction(engine) as conn:
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql(f"SET LOCAL work_mem = '{PUBLISH_MEMORY}'")
-        stages = {table: _stage(conn, table, frame) for table, frame in frames.items()}
-        for table, stage in stages.items():
-            stats.staged[table.name] = frames[table].height
-            stats.written[table.name] = _merge(conn, table, stage, now)
+        # Decided under the lock, before anything is written: what each frame replaces.
+        direct = {
+            table: empty
+            for table, frame in frames.items()
+            if (empty := _replaces_nothing(conn, table, frame, scopes.get(table))) is not None
+        }
+        stages = {
+            table: _stage(conn, table, frame)
+            for table, frame in frames.items()
+            if table not in direct
+        }
+        for table, frame in frames.items():
+            stats.staged[table.name] = frame.height
+            if table in direct:
+                stats.written[table.name] = _copy_direct(conn, table, frame, now, direct[table])
+            else:
+                stats.written[table.name] = _merge(conn, table, stages[table], now)
         for table, scope in mirror:
-            stats.deleted[table.name] = _delete_unstaged(conn, table, stages[table], scope)
+            stats.deleted[table.name] = (
+                0 if table in direct else _delete_unstaged(conn, table, stages[table], scope)
+            )
         for stage in stages.values():
             stage.drop(conn)
     stats.seconds = time.perf_counter() - started
     return stats
+
+
+def _replaces_nothing(
+    conn: Connection,
+    table: sa.Table,
+    frame: pl.DataFrame,
+    scope: sa.ColumnElement[bool] | None,
+) -> bool | None:
+    """For a big frame on Postgres whose table holds no row in ``scope`` (None: anywhere):
+    whether the whole table is empty. None when the frame must be staged and merged."""
+    if conn.dialect.name != "postgresql" or frame.height < DIRECT_COPY_MIN_ROWS:
+        return None
+    anywhere = conn.execute(sa.select(sa.exists().select_from(table))).scalar()
+    if not anywhere:
+        return True
+    if scope is None:
+        return None
+    inside = conn.execute(sa.select(sa.exists().where(scope).select_from(table))).scalar()
+    return None if inside else False
+
+
+def _copy_direct(
+    conn: Connection, table: sa.Table, frame: pl.DataFrame, now: datetime, table_empty: bool
+) -> int:
+    """Copy ``frame``, stamped ``now``, straight into ``table`` (which holds none of its keys);
+    into an empty table with its foreign keys and secondary indexes made after the copy."""
+    stamp = next(c for c in table.columns if c.name in STAMPS)
+    rows = frame.with_columns(pl.lit(now).alias(stamp.name))
+    deferred_keys = list(table.foreign_key_constraints) if table_empty else []
+    deferred_indexes = list(table.indexes) if table_empty else []
+    for fk in deferred_keys:
+        conn.execute(sa.schema.DropConstraint(fk))
+    for index in deferred_indexes:
+        conn.execute(sa.schema.DropIndex(index))
+    _copy(conn, table, rows)
+    for index in deferred_indexes:
+        conn.execute(sa.schema.CreateIndex(index))
+    for fk in deferred_keys:
+        conn.execute(sa.schema.AddConstraint(fk))  # checks every row at once
+    return frame.height
 
 
 def _check_unique_keys(table: sa.Table, frame: pl.DataFrame) -> None:
@@ -248,7 +312,8 @@ def _stage(conn: Connection, table: sa.Table, frame: pl.DataFrame) -> sa.Table:
 
 
 def _copy(conn: Connection, stage: sa.Table, frame: pl.DataFrame) -> None:
-    """Bulk-load ``frame`` into ``stage`` with ``COPY .. FROM STDIN`` in CSV, in chunks."""
+    """Bulk-load ``frame`` into ``stage`` (a staging table, or a table being filled directly)
+    with ``COPY .. FROM STDIN`` in CSV, in chunks."""
     quote = conn.dialect.identifier_preparer.quote
     statement = (
         f"COPY {quote(stage.name)} ({', '.join(quote(c) for c in frame.columns)}) "
