@@ -166,6 +166,7 @@ def _ensure_current_table(con: duckdb.DuckDBPyConnection, entity: str) -> None:
     have = {row[0] for row in con.execute(columns, [current]).fetchall()}
     for name, col_type in con.execute(columns + " ORDER BY ordinal_position", [raw]).fetchall():
         if name != "extra_columns" and name not in have:
+            # The name and type come from the raw table's own catalog entry.
             con.execute(f'ALTER TABLE {current} ADD COLUMN "{name}" {col_type}')
 
 
