@@ -196,7 +196,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"  serving store:        {_redact(settings.database_url)}\n"
             f"  emails (outbox):      {settings.outbox_dir}\n"
             f"  archived drops:       {settings.archive_dir}\n"
-            "  Dagster UI:           dagster dev -m tutor_scoring_dagster.definitions"
+            "  Dagster UI:           ./dev dagster dev -w workspace.yaml"
         )
     return 0 if summary.success else 1
 
