@@ -112,6 +112,12 @@ def _entries(rows: Sequence[sa.Row[Any]]) -> list[LedgerEntry]:
     return [e for e in (_entry(r) for r in rows) if e is not None]
 
 
+def _unchanged_since(key: str, row: LedgerEntry) -> sa.ColumnElement[bool]:
+    """The key's row still has the status and attempt count read as ``row``: the condition of
+    a compare-and-set, so that of two runs racing on one key only one wins."""
+    return (_c.idempotency_key == key) & (_c.status == row.status) & (_c.attempts == row.attempts)
+
+
 def _select_key(key: str, *, for_update: bool = False) -> sa.Select[Any]:
     query = sa.select(email_reports).where(_c.idempotency_key == key)
     return query.with_for_update() if for_update else query
@@ -208,11 +214,7 @@ def claim(
         # Compare-and-set on (status, attempts): of two runs racing here, one wins.
         updated = conn.execute(
             sa.update(email_reports)
-            .where(
-                (_c.idempotency_key == key)
-                & (_c.status == row.status)
-                & (_c.attempts == row.attempts)
-            )
+            .where(_unchanged_since(key, row))
             .values(
                 status=PENDING,
                 attempts=row.attempts + 1,
@@ -311,11 +313,7 @@ def supersede(engine: Engine, key: str, *, by: str, now: datetime) -> bool:
             return False  # a run is sending it right now
         result = conn.execute(
             sa.update(email_reports)
-            .where(
-                (_c.idempotency_key == key)
-                & (_c.status == row.status)
-                & (_c.attempts == row.attempts)
-            )
+            .where(_unchanged_since(key, row))
             .values(
                 status=FAILED,
                 next_attempt_at=None,
