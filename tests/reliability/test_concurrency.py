@@ -80,6 +80,16 @@ def daemon(home: Settings, tmp_path: Path) -> Iterator[Daemon]:
     dagster_home.mkdir()
     (dagster_home / "dagster.yaml").write_text(DAGSTER_YAML.format(base=dagster_home))
     env = env_for(home, DAGSTER_HOME=str(dagster_home))
+    # Create the instance's SQLite schema once, up front: the daemon and the concurrent
+    # `dagster job launch` processes would otherwise race to create the same tables.
+    subprocess.run(
+        [str(Path(sys.executable).parent / "dagster"), "instance", "migrate"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     log = (tmp_path / "daemon.log").open("wb")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"],
