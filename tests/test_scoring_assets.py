@@ -3,6 +3,7 @@ the asset checks on tampered snapshots (and blocking what follows), and the late
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ import polars as pl
 import pytest
 
 from tutor_scoring_dagster import warehouse
+from tutor_scoring_dagster.assessment import Assessment
 from tutor_scoring_dagster.config import Settings
 from tutor_scoring_dagster.defs.partitions import daily_partitions
 from tutor_scoring_dagster.defs.resources import RiskRuleResource, WarehouseResource
@@ -231,13 +233,15 @@ def test_failed_checks_block_what_follows(wh: Path, monkeypatch: pytest.MonkeyPa
     def published_snapshot() -> None:
         published.append(True)
 
-    real = score_assets.score_as_of
+    real = score_assets.assess_as_of
 
-    def with_ghost(*args: Any, **kwargs: Any) -> pl.DataFrame:
-        scores = real(*args, **kwargs)
-        return pl.concat([scores, scores.head(1).with_columns(pl.lit("GHOST").alias("tutor_id"))])
+    def with_ghost(*args: Any, **kwargs: Any) -> Assessment:
+        assessed = real(*args, **kwargs)
+        scores = assessed.scores
+        ghost = scores.head(1).with_columns(pl.lit("GHOST").alias("tutor_id"))
+        return dataclasses.replace(assessed, scores=pl.concat([scores, ghost]))
 
-    monkeypatch.setattr(score_assets, "score_as_of", with_ghost)
+    monkeypatch.setattr(score_assets, "assess_as_of", with_ghost)
     result = current_run(wh, published_snapshot)
     assert not result.success
     assert check_outcomes(result)["tutors_known"] is False

@@ -7,7 +7,12 @@ from datetime import UTC, date, datetime, timedelta
 
 import polars as pl
 
-from tutor_scoring_dagster.schemas import WINDOWS_DAYS, TutorScores
+from tutor_scoring_dagster.schemas import (
+    WINDOWS_DAYS,
+    TutorRiskTiers,
+    TutorScores,
+    score_row_schema,
+)
 
 AS_OF = datetime(2026, 3, 1, tzinfo=UTC)
 THRESHOLD, MIN_SESSIONS = 0.15, 5
@@ -72,8 +77,30 @@ def scores(n: int, as_of: datetime = AS_OF, *, shift: int = 0) -> pl.DataFrame:
         "risk_threshold": pl.lit(THRESHOLD),
         "min_sessions": pl.lit(MIN_SESSIONS, pl.Int64),
     }
+    # Tiers: high risk by the rule -> "high", every fifth other tutor "watch" (since yesterday).
+    tier = (
+        pl.when(high)
+        .then(pl.lit("high"))
+        .when(~qualifies)
+        .then(pl.lit("insufficient_data"))
+        .when(i % 5 == 0)
+        .then(pl.lit("watch"))
+        .otherwise(pl.lit("ok"))
+    )
+    flagged = tier.is_in(["high", "watch"])
+    columns |= {
+        "risk_tier": tier,
+        "risk_probability": pl.when(qualifies).then((i % 10) / 10),
+        "cusum_statistic": pl.when(qualifies).then((i % 7) / 2),
+        "watch_since": pl.when(flagged).then(pl.lit(as_of - timedelta(days=1), UTC_US)),
+        "newly_flagged": pl.lit(False),
+        "prior_alpha": pl.lit(2.0),
+        "prior_beta": pl.lit(18.0),
+        "top_drivers": pl.when(flagged).then(pl.lit("Short-notice reschedules: 80% (team 30%)")),
+        "recommended_action": pl.when(flagged).then(pl.lit("Remind the tutor of the policy.")),
+    }
     out = frame.with_columns(**columns)
-    return out.select(list(TutorScores.to_schema().columns))
+    return out.select(list(score_row_schema()))
 
 
 def history(n_tutors: int, first_day: date, days: int) -> pl.DataFrame:
@@ -133,8 +160,10 @@ def reschedules(session_frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def test_built_scores_keep_the_score_contract() -> None:
-    TutorScores.validate(scores(60), lazy=True)
-    TutorScores.validate(scores(60, shift=4), lazy=True)
+    for shift in (0, 4):
+        for model in (TutorScores, TutorRiskTiers):
+            columns = list(model.to_schema().columns)
+            model.validate(scores(60, shift=shift).select(columns), lazy=True)
     days = history(5, date(2026, 2, 1), 3)
     assert days.height == 15 and days["as_of"].n_unique() == 3
 

@@ -7,11 +7,18 @@ rather than import time, so a test or a deployment differs only in its environme
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
+
+from tutor_scoring_dagster.assessment import AssessParams
+from tutor_scoring_dagster.drivers import RULES_PATH, DriverParams
+from tutor_scoring_dagster.risk_tiers import TierParams
 
 
 @dataclass(frozen=True)
@@ -22,6 +29,43 @@ class Setting:
     default: str | None
     help: str
     secret: bool = False
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """The first sentence of each attribute's docstring in ``cls``'s source."""
+    body = ast.parse(inspect.getsource(cls)).body[0]
+    assert isinstance(body, ast.ClassDef)
+    docs: dict[str, str] = {}
+    for node, after in zip(body.body, body.body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            text = " ".join(after.value.value.replace("``", "`").split())
+            docs[node.target.id] = text.split(". ")[0].rstrip(".") + "."
+    return docs
+
+
+TUNED: Final[dict[str, type]] = {"RISK_TIER_": TierParams, "RISK_DRIVER_": DriverParams}
+"""Parameter classes configured field by field: ``RISK_TIER_CUSUM_H`` is ``TierParams.cusum_h``.
+Their defaults live in the classes (calibrated by simulation, docs/risk-tiers.md)."""
+SHARED_FIELDS: Final = {"threshold"}
+"""Fields set by a setting of their own (``RISK_THRESHOLD``), not by a prefixed one."""
+
+
+def _tuned_settings() -> tuple[Setting, ...]:
+    settings = []
+    for prefix, cls in TUNED.items():
+        docs = _attribute_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in SHARED_FIELDS:
+                continue
+            help_text = docs.get(f.name, f"{cls.__name__}.{f.name}.")
+            settings.append(Setting(f"{prefix}{f.name.upper()}", str(f.default), help_text))
+    return tuple(settings)
 
 
 SETTINGS: Final[tuple[Setting, ...]] = (
@@ -79,6 +123,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "A claimed report never recorded as sent after this long is resent (same Message-ID).",
     ),
     Setting("REPORT_LATENCY_TARGET_MINUTES", "60", "p95 session-to-email latency allowed."),
+    Setting(
+        "RISK_ACTIONS_FILE",
+        "rules/recommended_actions.csv",
+        "The reviewed rule table mapping risk drivers to recommended actions.",
+    ),
+    *_tuned_settings(),
 )
 
 
@@ -108,6 +158,26 @@ class Settings:
     smtp_starttls: bool
     sendgrid_api_key: str | None
     sendgrid_host: str
+    assess: AssessParams = dataclasses.field(default_factory=AssessParams)
+
+
+def _tuned(cls: type, prefix: str, raw: Mapping[str, str | None]) -> Any:
+    """An instance of a parameter class from its prefixed settings (its own checks apply)."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in SHARED_FIELDS:
+            continue
+        env = f"{prefix}{f.name.upper()}"
+        text = raw.get(env) or str(f.default)
+        kind: type[int] | type[float] = int if isinstance(f.default, int) else float
+        try:
+            values[f.name] = kind(text)
+        except ValueError:
+            raise ValueError(f"{env} must be a {kind.__name__}, got {text!r}") from None
+    try:
+        return cls(**values)
+    except ValueError as exc:
+        raise ValueError(f"bad {prefix}* setting: {exc}") from None
 
 
 def _truthy(value: str) -> bool:
@@ -143,6 +213,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise ValueError(f"RISK_THRESHOLD must be a fraction in [0, 1], got {threshold}")
     if min_sessions < 1:
         raise ValueError(f"MIN_SESSIONS must be at least 1, got {min_sessions}")
+    rules = Path(text("RISK_ACTIONS_FILE"))
+    assess = AssessParams(
+        tiers=_tuned(TierParams, "RISK_TIER_", raw),
+        drivers=_tuned(DriverParams, "RISK_DRIVER_", raw),
+        # A relative path not found here is one of the project's own files.
+        rules_path=(rules if rules.exists() else RULES_PATH.parent.parent / rules).absolute(),
+    ).with_threshold(threshold)
     return Settings(
         home=Path(home),
         landing_dir=Path(landing),
@@ -166,4 +243,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         smtp_starttls=_truthy(text("SMTP_STARTTLS")),
         sendgrid_api_key=raw["SENDGRID_API_KEY"],
         sendgrid_host=text("SENDGRID_HOST"),
+        assess=assess,
     )

@@ -20,6 +20,11 @@ WINDOWS_DAYS: Final = (7, 30, 90)
 SESSION_STATUSES: Final = ("completed", "rescheduled", "no_show")
 INITIATORS: Final = ("tutor", "student")
 RISK_STATUSES: Final = ("high", "ok", "insufficient_data")
+RISK_TIERS: Final = ("high", "watch", "ok", "insufficient_data")
+FLAGGED_TIERS: Final = ("high", "watch")
+DRIVERS: Final = ("short_notice", "reason_code", "no_show", "reschedule_rate", "trend")
+LONG_TEXT: Final = {"long_text": True}
+"""Field metadata of free text longer than an identifier (a ``TEXT`` column in the store)."""
 
 RATES: Final = {"reschedule_rate": "tutor_reschedules", "no_show_rate": "no_shows"}
 """Each windowed rate -> the windowed count it divides by ``total_sessions``."""
@@ -233,6 +238,60 @@ class TutorScores(pa.DataFrameModel):
         return data.lazyframe.select(ok)
 
 
+class TutorRiskTiers(pa.DataFrameModel):
+    """One tutor's risk tier as of one instant, with its evidence and, for a flagged tutor,
+    the top drivers and the recommended action (issue #11; beside the contract's
+    ``is_high_risk``, which keeps its meaning)."""
+
+    tutor_id: str
+    as_of: DateTime = _utc(nullable=False)
+    risk_tier: str = pa.Field(isin=RISK_TIERS)
+    risk_probability: float = pa.Field(ge=0, le=1, nullable=True)
+    """P(true reschedule rate > threshold | the tutor's sessions), beta-binomial posterior."""
+    cusum_statistic: float = pa.Field(ge=0, nullable=True)
+    """The Bernoulli CUSUM statistic S = C - min C at the instant (``watch`` above its limit)."""
+    watch_since: DateTime = _utc(nullable=True)
+    """The first instant of the current unbroken ``watch``/``high`` run."""
+    newly_flagged: bool
+    prior_alpha: float = pa.Field(gt=0, nullable=True)
+    prior_beta: float = pa.Field(gt=0, nullable=True)
+    top_drivers: str = pa.Field(nullable=True, metadata=LONG_TEXT)
+    recommended_action: str = pa.Field(nullable=True, metadata=LONG_TEXT)
+
+    class Config:
+        strict = True
+        unique = ["tutor_id", "as_of"]
+
+    @pa.dataframe_check(name="only watch/high tutors are flagged, have a start and an action")
+    def flagged_consistent(cls, data: pa.PolarsData) -> pl.LazyFrame:
+        flagged = pl.col("risk_tier").is_in(FLAGGED_TIERS)
+        ok = (~pl.col("newly_flagged") | flagged) & (flagged == pl.col("watch_since").is_not_null())
+        ok = ok & (flagged | pl.col("recommended_action").is_null())
+        ok = ok & (pl.col("watch_since").is_null() | (pl.col("watch_since") <= pl.col("as_of")))
+        return data.lazyframe.select(ok)
+
+
+class TutorRiskDrivers(pa.DataFrameModel):
+    """Why a flagged tutor is flagged: one driver of one tutor as of one instant, the tutor's
+    value against the population's (for ``trend``: the tutor's own earlier rate)."""
+
+    tutor_id: str
+    as_of: DateTime = _utc(nullable=False)
+    driver: str = pa.Field(isin=DRIVERS)
+    detail: str = pa.Field(nullable=True)
+    """The reason code, for ``reason_code``; else null."""
+    tutor_value: float = pa.Field(ge=0, le=1)
+    population_value: float = pa.Field(ge=0, le=1, nullable=True)
+    lift: float = pa.Field(ge=0, nullable=True)
+    tutor_count: int = pa.Field(ge=0)
+    tutor_base: int = pa.Field(gt=0)
+    description: str = pa.Field(metadata=LONG_TEXT)
+
+    class Config:
+        strict = True
+        unique = ["tutor_id", "as_of", "driver"]
+
+
 def score_columns() -> list[str]:
     """Columns of a score snapshot, in order."""
     return list(TutorScores.to_schema().columns)
@@ -240,4 +299,20 @@ def score_columns() -> list[str]:
 
 def score_schema() -> dict[str, pl.DataType]:
     """Columns of a score snapshot, in order, with their Polars types."""
-    return {name: col.dtype.type for name, col in TutorScores.to_schema().columns.items()}
+    return model_schema(TutorScores)
+
+
+def model_schema(model: type[pa.DataFrameModel]) -> dict[str, pl.DataType]:
+    """A model's columns, in order, with their Polars types."""
+    return {name: col.dtype.type for name, col in model.to_schema().columns.items()}
+
+
+def score_row_schema() -> dict[str, pl.DataType]:
+    """Columns of a stored score row: the snapshot's scores, then its risk tier."""
+    tiers = model_schema(TutorRiskTiers)
+    return {**score_schema(), **{k: v for k, v in tiers.items() if k not in ("tutor_id", "as_of")}}
+
+
+def is_long_text(model: type[pa.DataFrameModel], column: str) -> bool:
+    """Whether a model's column holds free text (a ``TEXT`` column in the store)."""
+    return bool((model.to_schema().columns[column].metadata or {}).get("long_text"))

@@ -29,6 +29,7 @@ from tutor_scoring_dagster.paths import load_sql
 from tutor_scoring_dagster.schemas import (
     RATES,
     WINDOWS_DAYS,
+    TutorRiskTiers,
     TutorScores,
     high_risk,
     rate,
@@ -393,7 +394,9 @@ AUDITS: Final = {
     ),
     "rates_consistent_with_counts": (
         "The TutorScores contract: types, ranges, rate = count / total (null only for an empty "
-        "window), Wilson bound <= rate, risk flags that follow the rule kept on the row."
+        "window), Wilson bound <= rate, risk flags that follow the rule kept on the row; and "
+        "the TutorRiskTiers contract (a known tier, probability in [0, 1], only watch/high "
+        "tutors flagged with a start and an action)."
     ),
     "tutors_known": "Every scored tutor exists in the warehouse `tutors` view.",
     "counts_reconcile_with_sessions": (
@@ -492,17 +495,30 @@ def _audit_chunk(
             ),
         )
     ]
-    try:
-        TutorScores.validate(scores, lazy=True)
-        contract = pl.DataFrame(schema={"check": pl.String, "column": pl.String, "rows": pl.UInt32})
-    except pa.errors.SchemaErrors as exc:
-        contract = (
-            exc.failure_cases.group_by(
-                pl.col("check").cast(pl.String), pl.col("column").cast(pl.String)
+    broken = [pl.DataFrame(schema={"check": pl.String, "column": pl.String, "rows": pl.UInt32})]
+    # A stored row is its scores then its risk tier (schemas.score_row_schema): both contracts.
+    for model in (TutorScores, TutorRiskTiers):
+        try:
+            model.validate(scores.select(list(model.to_schema().columns)), lazy=True)
+        except pa.errors.SchemaErrors as exc:
+            broken.append(
+                exc.failure_cases.group_by(
+                    pl.col("check").cast(pl.String), pl.col("column").cast(pl.String)
+                ).len("rows")
             )
-            .len("rows")
-            .sort("check", "column")
-        )
+        except pl.exceptions.ColumnNotFoundError as exc:
+            missing = str(exc).splitlines()[0]
+            broken.append(
+                pl.DataFrame(
+                    {
+                        "check": ["column_in_dataframe"],
+                        "column": [missing],
+                        "rows": [scores.height],
+                    },
+                    schema=broken[0].schema,
+                )
+            )
+    contract = pl.concat(broken, how="vertical_relaxed").sort("check", "column")
     findings.append(Finding("rates_consistent_with_counts", contract))
     con.register("checked_scores", scores.select("tutor_id").unique())
     try:

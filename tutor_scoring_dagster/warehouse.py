@@ -14,7 +14,13 @@ import duckdb
 import polars as pl
 
 from tutor_scoring_dagster.paths import load_sql
-from tutor_scoring_dagster.schemas import DROP_MODELS, TutorScores, drop_columns
+from tutor_scoring_dagster.schemas import (
+    DROP_MODELS,
+    TutorRiskDrivers,
+    drop_columns,
+    model_schema,
+    score_row_schema,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +35,10 @@ RAW_METADATA_COLUMNS: Final[dict[str, pl.DataType]] = {
 LOCK_WAIT_S: Final = 120.0
 
 SCORE_TABLES: Final = ("tutor_scores_daily", "tutor_scores_current")
-"""Warehouse tables holding score snapshots (columns: the TutorScores model)."""
+"""Warehouse tables holding score snapshots (columns: ``schemas.score_row_schema``)."""
+
+DRIVER_TABLES: Final = ("tutor_risk_drivers_current",)
+"""Warehouse tables holding risk drivers (columns: the TutorRiskDrivers model)."""
 
 CURRENT_ENTITIES: Final = ("sessions", "reschedules")
 """Entities whose current state is kept in a table, ``<entity>_current`` (the latest export of
@@ -110,8 +119,9 @@ def query_frame(
     return frame
 
 
-def _score_frame_schema() -> dict[str, pl.DataType]:
-    return {name: col.dtype.type for name, col in TutorScores.to_schema().columns.items()}
+def quote_ident(name: str) -> str:
+    """An SQL identifier, double-quoted (a quote in it doubled)."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
@@ -119,7 +129,8 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(load_sql("warehouse_create"))
     con.execute(load_sql("loaded_files_add_columns"))
     frames = {raw_table(e): raw_frame_schema(e) for e in DROP_MODELS}
-    frames.update({t: _score_frame_schema() for t in SCORE_TABLES})
+    frames.update({t: score_row_schema() for t in SCORE_TABLES})
+    frames.update({t: model_schema(TutorRiskDrivers) for t in DRIVER_TABLES})
     for table, schema in frames.items():
         empty = pl.DataFrame(schema=schema)
         con.register("raw_columns", empty)
@@ -143,7 +154,12 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
                         [name],
                     )
                     assert col_type is not None
-                    con.execute(f'ALTER TABLE {table} ADD COLUMN "{name}" {col_type[0]}')
+                    con.execute(
+                        # SQL audit (noqa: S608): the table from a closed set, the column from
+                        # a model, both quoted; the type from DuckDB's catalog, not from input.
+                        f"ALTER TABLE {quote_ident(table)} "
+                        f"ADD COLUMN {quote_ident(name)} {col_type[0]}"
+                    )
         finally:
             con.unregister("raw_columns")
     for entity in CURRENT_ENTITIES:
@@ -166,8 +182,11 @@ def _ensure_current_table(con: duckdb.DuckDBPyConnection, entity: str) -> None:
     have = {row[0] for row in con.execute(columns, [current]).fetchall()}
     for name, col_type in con.execute(columns + " ORDER BY ordinal_position", [raw]).fetchall():
         if name != "extra_columns" and name not in have:
-            # The name and type come from the raw table's own catalog entry.
-            con.execute(f'ALTER TABLE {current} ADD COLUMN "{name}" {col_type}')
+            con.execute(
+                # SQL audit (noqa: S608): the names quoted, the table's from a closed set, the
+                # column's and the type from the raw table's own catalog entry, not from input.
+                f"ALTER TABLE {quote_ident(current)} ADD COLUMN {quote_ident(name)} {col_type}"
+            )
 
 
 def refresh_current(con: duckdb.DuckDBPyConnection) -> int:
@@ -207,27 +226,42 @@ def replace_rows(
     start: object = None,
     end: object = None,
 ) -> None:
-    """Replace a score table's rows (all, or those with ``start <= column < end``) in one
-    transaction."""
-    if table not in SCORE_TABLES:
-        raise ValueError(f"not a score table: {table!r}")
+    """Replace a score or driver table's rows (all, or those with ``start <= column < end``)
+    in one transaction."""
+    replace_tables(con, {table: rows}, column, start, end)
+
+
+def replace_tables(
+    con: duckdb.DuckDBPyConnection,
+    frames: dict[str, pl.DataFrame],
+    column: str | None = None,
+    start: object = None,
+    end: object = None,
+) -> None:
+    """:func:`replace_rows` for several tables at once, in one transaction (a snapshot and
+    its drivers change together or not at all)."""
+    for table, rows in frames.items():
+        if table not in SCORE_TABLES + DRIVER_TABLES:
+            raise ValueError(f"not a score or driver table: {table!r}")
+        if column is not None and column not in rows.columns:
+            raise ValueError(f"unknown column {column!r}")
     con.execute("BEGIN TRANSACTION")
     try:
-        # Identifiers come from SCORE_TABLES and the TutorScores model, never from input.
-        if column is None:
-            con.execute(f"DELETE FROM {table}")  # noqa: S608
-        else:
-            if column not in rows.columns:
-                raise ValueError(f"unknown column {column!r}")
-            con.execute(
-                f'DELETE FROM {table} WHERE "{column}" >= $start AND "{column}" < $end',  # noqa: S608
-                {"start": start, "end": end},
-            )
-        con.register("incoming_scores", rows)
-        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming_scores")  # noqa: S608
+        for table, rows in frames.items():
+            # Identifiers come from SCORE_TABLES, DRIVER_TABLES and the models, never input.
+            if column is None:
+                con.execute(f"DELETE FROM {table}")  # noqa: S608
+            else:
+                con.execute(
+                    f'DELETE FROM {table} WHERE "{column}" >= $start AND "{column}" < $end',  # noqa: S608
+                    {"start": start, "end": end},
+                )
+            con.register("incoming_rows", rows)
+            try:
+                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming_rows")  # noqa: S608
+            finally:
+                con.unregister("incoming_rows")
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
-    finally:
-        con.unregister("incoming_scores")

@@ -12,6 +12,7 @@ from pydantic import Field
 from sqlalchemy.engine import Engine
 
 from tutor_scoring_dagster import warehouse
+from tutor_scoring_dagster.assessment import AssessParams
 from tutor_scoring_dagster.config import Settings, load_settings
 from tutor_scoring_dagster.delivery import EmailSender, sender_from_settings
 from tutor_scoring_dagster.scoring import RiskRule
@@ -95,6 +96,11 @@ class RiskRuleResource(dg.ConfigurableResource):
             threshold=self.threshold if self.threshold is not None else s.risk_threshold,
             min_sessions=self.min_sessions if self.min_sessions is not None else s.min_sessions,
         )
+
+    def assess_params(self) -> AssessParams:
+        """Risk tiers, drivers and actions (env RISK_TIER_*, RISK_DRIVER_*, RISK_ACTIONS_FILE);
+        the tiers judge this rule's threshold."""
+        return _settings().assess.with_threshold(self.rule().threshold)
 
 
 class EmailResource(dg.ConfigurableResource):

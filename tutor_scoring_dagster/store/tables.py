@@ -1,22 +1,29 @@
 """SQLAlchemy tables of the serving store (DESIGN.md, "Stores").
 
-Score columns are derived from the ``TutorScores`` Pandera model, so a score added there is a
-column here (and, through an Alembic migration, in the database) without a second list.
+Score columns are derived from the ``TutorScores`` and ``TutorRiskTiers`` Pandera models, and
+driver columns from ``TutorRiskDrivers``, so a column added there is a column here (and, through
+an Alembic migration, in the database) without a second list.
 """
 
 from __future__ import annotations
 
 from typing import Any, Final
 
+import pandera.polars as pa
 import polars as pl
 import sqlalchemy as sa
 
 from tutor_scoring_dagster.schemas import (
+    DRIVERS,
     INITIATORS,
     RISK_STATUSES,
+    RISK_TIERS,
     SESSION_STATUSES,
     WINDOWS_DAYS,
+    TutorRiskDrivers,
+    TutorRiskTiers,
     TutorScores,
+    is_long_text,
 )
 
 metadata = sa.MetaData(
@@ -52,14 +59,23 @@ def _sa_type(dtype: pl.DataType) -> sa.types.TypeEngine[Any]:
     raise TypeError(f"no SQL type for {dtype}")
 
 
+def _model_columns(
+    *models: type[pa.DataFrameModel], skip: tuple[str, ...] = ("tutor_id", "as_of")
+) -> list[sa.Column[Any]]:
+    """The models' columns, in order, but ``skip`` (the tables' keys); free text as TEXT."""
+    columns: dict[str, sa.Column[Any]] = {}
+    for model in models:
+        for name, col in model.to_schema().columns.items():
+            if name in skip or name in columns:
+                continue
+            sql_type = sa.Text() if is_long_text(model, name) else _sa_type(col.dtype.type)
+            columns[name] = sa.Column(name, sql_type, nullable=col.nullable)
+    return list(columns.values())
+
+
 def _score_columns() -> list[sa.Column[Any]]:
-    """Every TutorScores column except ``tutor_id`` and ``as_of`` (the tables' keys)."""
-    columns = []
-    for name, col in TutorScores.to_schema().columns.items():
-        if name in ("tutor_id", "as_of"):
-            continue
-        columns.append(sa.Column(name, _sa_type(col.dtype.type), nullable=col.nullable))
-    return columns
+    """Every score-row column (TutorScores, then TutorRiskTiers) but the keys."""
+    return _model_columns(TutorScores, TutorRiskTiers)
 
 
 def _score_checks() -> list[sa.CheckConstraint]:
@@ -67,6 +83,11 @@ def _score_checks() -> list[sa.CheckConstraint]:
         sa.CheckConstraint(_in("risk_status", RISK_STATUSES), name="risk_status"),
         sa.CheckConstraint("risk_threshold >= 0 AND risk_threshold <= 1", name="risk_threshold"),
         sa.CheckConstraint("min_sessions >= 1", name="min_sessions"),
+        sa.CheckConstraint(_in("risk_tier", RISK_TIERS), name="risk_tier"),
+        sa.CheckConstraint(
+            "risk_probability IS NULL OR (risk_probability >= 0 AND risk_probability <= 1)",
+            name="risk_probability",
+        ),
     ]
     for w in WINDOWS_DAYS:
         total, moved, missed = f"total_sessions_{w}d", f"tutor_reschedules_{w}d", f"no_shows_{w}d"
@@ -142,6 +163,7 @@ tutor_scores = sa.Table(
     sa.Column("last_calculated_at", UtcDateTime, nullable=False),
     *_score_checks(),
     sa.Index(None, "risk_status", "tutor_id"),  # reads.list_tutors(risk_status=...)
+    sa.Index(None, "risk_tier", "tutor_id"),  # flagged tutors (reports, dashboard)
 )
 
 tutor_score_history = sa.Table(
@@ -155,6 +177,19 @@ tutor_score_history = sa.Table(
     *_score_checks(),
     sa.Index(None, "score_date"),  # a day range, replaced by publish_history
 )
+
+tutor_risk_drivers = sa.Table(
+    "tutor_risk_drivers",
+    metadata,
+    sa.Column("tutor_id", sa.String(64), sa.ForeignKey("tutors.tutor_id"), primary_key=True),
+    sa.Column("as_of", UtcDateTime, primary_key=True),
+    sa.Column("driver", sa.String(64), primary_key=True),
+    *_model_columns(TutorRiskDrivers, skip=("tutor_id", "as_of", "driver")),
+    sa.Column("updated_at", UtcDateTime, nullable=False),
+    sa.CheckConstraint(_in("driver", DRIVERS), name="driver"),
+    sa.CheckConstraint("tutor_base > 0 AND tutor_count >= 0", name="counts"),
+)
+"""The drivers of the current snapshot's ``watch`` and ``high`` tutors (issue #11)."""
 
 email_reports = sa.Table(
     "email_reports",

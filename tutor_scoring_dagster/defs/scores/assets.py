@@ -5,18 +5,18 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 import polars as pl
 
+from tutor_scoring_dagster.assessment import assess_as_of, assess_days
 from tutor_scoring_dagster.defs.ingest.assets import landing_drops
 from tutor_scoring_dagster.defs.partitions import daily_partitions
 from tutor_scoring_dagster.defs.resources import RiskRuleResource, WarehouseResource
+from tutor_scoring_dagster.schemas import FLAGGED_TIERS
 from tutor_scoring_dagster.scoring import (
     LOOKBACK_DAYS,
     floor_to_hour,
     materialize_daily_activity,
     partition_as_of,
-    score_as_of,
-    score_days,
 )
-from tutor_scoring_dagster.warehouse import replace_rows
+from tutor_scoring_dagster.warehouse import replace_rows, replace_tables
 
 
 def _top_risks(scores: pl.DataFrame, limit: int = 10) -> str:
@@ -34,11 +34,17 @@ def _top_risks(scores: pl.DataFrame, limit: int = 10) -> str:
 
 
 def score_metadata(scores: pl.DataFrame) -> dict[str, dg.MetadataValue]:
-    """Counts and a preview of the top risks, for the asset page."""
+    """Counts (rows per risk tier too) and a preview of the top risks, for the asset page."""
+    tiers = pl.col("risk_tier")
     return {
         "tutors_scored": dg.MetadataValue.int(scores.get_column("tutor_id").n_unique()),
         "rows": dg.MetadataValue.int(scores.height),
         "high_risk_rows": dg.MetadataValue.int(int(scores.get_column("is_high_risk").sum())),
+        **{
+            f"{tier}_tier_rows": dg.MetadataValue.int(scores.filter(tiers == tier).height)
+            for tier in FLAGGED_TIERS
+        },
+        "newly_flagged_rows": dg.MetadataValue.int(int(scores.get_column("newly_flagged").sum())),
         "top_risks": dg.MetadataValue.md(_top_risks(scores)),
     }
 
@@ -91,7 +97,8 @@ def tutor_scores_daily(
     context: dg.AssetExecutionContext, warehouse: WarehouseResource, risk_rule: RiskRuleResource
 ) -> dg.MaterializeResult:
     """Each tutor's scores as of the end of each day (rolling 7/30/90-day rates, Wilson
-    bounds, risk), validated by the `TutorScores` schema, in the warehouse table
+    bounds, risk, and the risk tier with its top drivers and action), validated by the
+    `TutorScores` and `TutorRiskTiers` schemas, in the warehouse table
     `tutor_scores_daily`. A multi-day backfill runs as one vectorized run with the same rows
     as one run per day. The counts come from the warehouse's sessions through the same SQL
     as `tutor_daily_activity`, so a partition never depends on which earlier partitions
@@ -99,7 +106,9 @@ def tutor_scores_daily(
     window = context.partition_time_window
     first_day, last_day = window.start.date(), (window.end - timedelta(days=1)).date()
     with warehouse.connect() as con:
-        scores = score_days(con, first_day, last_day, risk_rule.rule())
+        scores = assess_days(
+            con, first_day, last_day, risk_rule.rule(), risk_rule.assess_params()
+        ).scores
         # Partition D holds the snapshot as of D + 1 day (all of its own rows, nothing else).
         replace_rows(
             con,
@@ -145,12 +154,17 @@ def tutor_scores_current(
     warehouse: WarehouseResource,
     risk_rule: RiskRuleResource,
 ) -> dg.MaterializeResult:
-    """Every tutor's scores as of one instant (by default the start of the current hour),
-    in the warehouse table `tutor_scores_current`; published hourly to the serving store."""
+    """Every tutor's scores, risk tier and (for `watch` and `high` tutors) drivers and action
+    as of one instant (by default the start of the current hour), in the warehouse tables
+    `tutor_scores_current` and `tutor_risk_drivers_current`; published hourly to the serving
+    store."""
     as_of = resolve_as_of(config.as_of)
     with warehouse.connect() as con:
-        scores = score_as_of(con, as_of, risk_rule.rule())
-        replace_rows(con, "tutor_scores_current", scores)
+        assessed = assess_as_of(con, as_of, risk_rule.rule(), risk_rule.assess_params())
+        scores = assessed.scores
+        replace_tables(
+            con, {"tutor_scores_current": scores, "tutor_risk_drivers_current": assessed.drivers}
+        )
     return dg.MaterializeResult(
         metadata={"as_of": dg.MetadataValue.text(as_of.isoformat()), **score_metadata(scores)}
     )

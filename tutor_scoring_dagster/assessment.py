@@ -1,0 +1,175 @@
+"""Assess score snapshots: who is at risk, who is becoming so, why, and what to do (issue #11).
+
+Scores (scoring.py) say what each tutor's rates are; this stage adds, beside them, each tutor's
+risk tier with its evidence (risk_tiers.py), for ``watch`` and ``high`` tutors the drivers
+behind it (drivers.py) and the action the reviewed rule table recommends. The contract's
+``is_high_risk`` keeps its meaning; the tier is read next to it.
+
+A stored score row is a :class:`~tutor_scoring_dagster.schemas.TutorScores` row followed by
+its :class:`~tutor_scoring_dagster.schemas.TutorRiskTiers` columns (``score_row_schema``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import pandera.polars as pa
+import polars as pl
+
+from tutor_scoring_dagster.drivers import (
+    RULES_PATH,
+    DriverParams,
+    compute_drivers,
+    load_action_rules,
+    recommend_actions,
+)
+from tutor_scoring_dagster.risk_tiers import TierParams, read_session_events, risk_tiers_for_days
+from tutor_scoring_dagster.schemas import (
+    FLAGGED_TIERS,
+    TutorRiskDrivers,
+    TutorRiskTiers,
+    model_schema,
+    score_row_schema,
+)
+from tutor_scoring_dagster.scoring import (
+    CHUNK_DAYS,
+    RiskRule,
+    ScoresInvalid,
+    day_offset,
+    score_snapshots,
+    snapshot_day,
+)
+
+KEYS = ["tutor_id", "as_of"]
+WATCH_SINCE_REACH_DAYS = 30
+"""How far back ``watch_since`` looks for the start of a warning: an older start shows as
+``as_of`` minus this, so a row is the same whichever range of days a run computed."""
+
+
+@dataclass(frozen=True)
+class AssessParams:
+    """How tiers, drivers and actions are judged (every field configurable, see config.py)."""
+
+    tiers: TierParams = field(default_factory=TierParams)
+    drivers: DriverParams = field(default_factory=DriverParams)
+    rules_path: Path = RULES_PATH
+
+    def with_threshold(self, threshold: float) -> AssessParams:
+        """These parameters judging ``threshold`` (the contract's RISK_THRESHOLD); the
+        posterior needs a rate strictly between 0 and 1 to test against."""
+        rate = min(max(threshold, 1e-6), 1 - 1e-6)
+        return replace(self, tiers=replace(self.tiers, threshold=rate))
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """Score rows with their tiers (``score_row_schema``) and the drivers of the flagged."""
+
+    scores: pl.DataFrame
+    drivers: pl.DataFrame
+
+
+def assess(
+    con: duckdb.DuckDBPyConnection,
+    scores: pl.DataFrame,
+    first_day: date,
+    last_day: date,
+    params: AssessParams,
+    *,
+    offset: timedelta = timedelta(0),
+) -> Assessment:
+    """Tiers, drivers and actions for ``scores``, the snapshots as of the end of each day
+    ``first_day..last_day`` (days starting ``offset`` after midnight UTC), from the warehouse's
+    sessions. A scored tutor the detector has no row for is ``insufficient_data``."""
+    tiers = risk_tiers_for_days(
+        con,
+        first_day,
+        last_day,
+        params.tiers,
+        offset=offset,
+        since_lookback_days=WATCH_SINCE_REACH_DAYS,
+    ).with_columns(
+        pl.when(pl.col("watch_since").is_not_null())
+        .then(
+            pl.max_horizontal(
+                "watch_since", pl.col("as_of") - pl.duration(days=WATCH_SINCE_REACH_DAYS)
+            )
+        )
+        .alias("watch_since")
+    )
+    flagged = tiers.filter(pl.col("risk_tier").is_in(FLAGGED_TIERS))
+    drivers = pl.DataFrame(schema=model_schema(TutorRiskDrivers))
+    if flagged.height:
+        newest = flagged.get_column("as_of").max()
+        oldest = flagged.get_column("as_of").min()
+        assert isinstance(newest, datetime) and isinstance(oldest, datetime)
+        events = read_session_events(
+            con, start=oldest - timedelta(days=params.drivers.lookback_days), end=newest
+        )
+        drivers = compute_drivers(events, flagged, params.drivers).select(
+            list(model_schema(TutorRiskDrivers))
+        )
+    actions = recommend_actions(tiers, drivers, load_action_rules(params.rules_path))
+    tier_columns = list(model_schema(TutorRiskTiers))
+    rows = (
+        scores.join(tiers, on=KEYS, how="left")
+        .join(
+            actions.select(*KEYS, "top_drivers", pl.col("action").alias("recommended_action")),
+            on=KEYS,
+            how="left",
+        )
+        .with_columns(
+            pl.col("risk_tier").fill_null("insufficient_data"),
+            pl.col("newly_flagged").fill_null(False),
+        )
+    )
+    _validate(TutorRiskTiers, rows.select(tier_columns))
+    drivers = drivers.join(scores.select(KEYS), on=KEYS, how="semi")
+    return Assessment(
+        scores=rows.select(list(score_row_schema())),
+        drivers=_validate(TutorRiskDrivers, drivers),
+    )
+
+
+def assess_days(
+    con: duckdb.DuckDBPyConnection,
+    first_day: date,
+    last_day: date,
+    rule: RiskRule,
+    params: AssessParams,
+    *,
+    offset: timedelta = timedelta(0),
+) -> Assessment:
+    """Scored and assessed snapshots as of the end of each day ``first_day..last_day``, a
+    chunk of days at a time (memory stays flat over a long backfill)."""
+    parts: list[Assessment] = []
+    day = first_day
+    while day <= last_day:
+        end = min(last_day, day + timedelta(days=CHUNK_DAYS - 1))
+        scores = score_snapshots(con, day, end, rule, offset=offset)
+        parts.append(assess(con, scores, day, end, params, offset=offset))
+        day = end + timedelta(days=1)
+    if len(parts) == 1:
+        return parts[0]
+    return Assessment(
+        scores=pl.concat([p.scores for p in parts], rechunk=False),
+        drivers=pl.concat([p.drivers for p in parts], rechunk=False),
+    )
+
+
+def assess_as_of(
+    con: duckdb.DuckDBPyConnection, as_of: datetime, rule: RiskRule, params: AssessParams
+) -> Assessment:
+    """Every tutor's scores, tier, drivers and action as of the instant ``as_of``."""
+    day = snapshot_day(as_of)
+    return assess_days(con, day, day, rule, params, offset=day_offset(as_of))
+
+
+def _validate(model: type[pa.DataFrameModel], frame: pl.DataFrame) -> pl.DataFrame:
+    try:
+        return model.validate(frame, lazy=True)
+    except pa.errors.SchemaErrors as exc:
+        raise ScoresInvalid(exc.failure_cases) from exc
