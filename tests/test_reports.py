@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -304,6 +305,40 @@ def test_digest_and_alert_name_the_right_tutors_with_the_store_numbers(
     }
     assert all(e.newest_session_time == T - timedelta(hours=3) for e in rows)
     assert all(e.covers_as_of == T for e in rows)
+
+
+def test_digest_lists_tutors_to_act_on_with_tier_drivers_and_action_newly_flagged_first(
+    home: Settings,
+) -> None:
+    build_scenario(home.landing_dir)
+    summary = run_pipeline(as_of=T, history_days=35)
+    assert summary.success, summary.render()
+    scores = store_scores(home.database_url)
+    # Z moves every third session for two months: confirmed high risk, with drivers and an action.
+    assert scores["Z"]["risk_tier"] == "high" and scores["Z"]["risk_probability"] > 0.9
+    assert scores["Z"]["top_drivers"] and scores["Z"]["recommended_action"]
+    assert scores["C"]["risk_tier"] in ("ok", "insufficient_data")
+    flagged = sorted(
+        (r for r in scores.values() if r["risk_tier"] in ("high", "watch")),
+        key=lambda r: (not r["newly_flagged"], r["tutor_id"] != "Z"),
+    )
+    html, text = bodies(read_outbox(home.outbox_dir)["digest:2026-03-01T12:00Z"])
+    section = text.split(f"Tutors to act on ({len(flagged)})")[1].split("Newly high risk")[0]
+    listed = [line for line in section.splitlines() if line.startswith("- ")]
+    assert len(listed) == len(flagged)
+    # Newly flagged tutors come first; each line carries the store's tier, drivers and action.
+    order = [m.group(1) for m in (re.search(r"\((\w+)\): (?:high|watch)", x) for x in listed) if m]
+    newly = {r["tutor_id"] for r in flagged if r["newly_flagged"]}
+    assert len(order) == len(listed) and set(order[: len(newly)]) == newly
+    for r in flagged:
+        line = next(x for x in listed if f"({r['tutor_id']}):" in x)
+        assert f": {r['risk_tier']}" in line
+        assert (", NEW" in line) == bool(r["newly_flagged"])
+        assert f"Why: {r['top_drivers']}" in section
+        assert f"Action: {r['recommended_action']}" in section
+    assert "Cara" not in section
+    assert '<span class="badge-high" style="background: #c0392b;' in html  # inlined CSS
+    assert "Recommended action" in html and str(scores["Z"]["recommended_action"]) in html
 
 
 def test_next_digest_says_what_changed_since_the_last_one(home: Settings) -> None:

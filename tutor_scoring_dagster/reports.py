@@ -38,6 +38,7 @@ import jinja2
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from tutor_scoring_dagster.assessment import WATCH_SINCE_REACH_DAYS
 from tutor_scoring_dagster.delivery import (
     DeliveryError,
     EmailSender,
@@ -45,7 +46,7 @@ from tutor_scoring_dagster.delivery import (
     send_with_retries,
 )
 from tutor_scoring_dagster.paths import REPORTS_DIR, load_sql
-from tutor_scoring_dagster.schemas import WINDOWS_DAYS
+from tutor_scoring_dagster.schemas import FLAGGED_TIERS, WINDOWS_DAYS
 from tutor_scoring_dagster.scoring import RiskRule, as_utc, score_as_of
 from tutor_scoring_dagster.store import ledger
 from tutor_scoring_dagster.store import report_reads as rr
@@ -456,6 +457,17 @@ def _when(value: datetime | None, fmt: str = "%Y-%m-%d %H:%M") -> str:
     return "-" if value is None else f"{as_utc(value):{fmt}} UTC"
 
 
+def _flagged_since(row: Mapping[str, Any]) -> str:
+    """When a tutor's current warning began: a date, or how long at least (the start lies
+    beyond the reach of ``watch_since``)."""
+    since = row.get("watch_since")
+    if since is None:
+        return "not flagged"
+    if as_utc(row["as_of"]) - as_utc(since) >= timedelta(days=WATCH_SINCE_REACH_DAYS):
+        return f"for {WATCH_SINCE_REACH_DAYS}+ days"
+    return f"since {as_utc(since):%Y-%m-%d}"
+
+
 def _hours(value: float | None) -> str:
     if value is None:
         return "-"
@@ -489,7 +501,9 @@ def template_env() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(pct=_pct, when=_when, hours=_hours, bar_segments=bar_segments)
+    env.filters.update(
+        pct=_pct, when=_when, hours=_hours, bar_segments=bar_segments, flagged_since=_flagged_since
+    )
     return env
 
 
@@ -585,6 +599,23 @@ class SnapshotMoved(Exception):
     """The store's snapshot is no longer the one a digest was asked for."""
 
 
+def flagged_first(scores: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``watch`` and ``high`` tutors of a snapshot, in the order to act on them: newly
+    flagged first, then the most recent warnings, ``high`` before ``watch``, then the most
+    probable."""
+    flagged = [r for r in scores if r.get("risk_tier") in FLAGGED_TIERS]
+    return sorted(
+        flagged,
+        key=lambda r: (
+            not r["newly_flagged"],
+            -(as_utc(r["watch_since"]).timestamp() if r["watch_since"] else 0.0),
+            FLAGGED_TIERS.index(r["risk_tier"]),
+            -(r["risk_probability"] or 0.0),
+            r["tutor_id"],
+        ),
+    )
+
+
 def render_digest(
     engine: Engine,
     con: duckdb.DuckDBPyConnection | None,
@@ -614,6 +645,7 @@ def render_digest(
         newly = [r for r in high if r["newly_high_risk"]]
         recovered = [r for r in scores if r["no_longer_high_risk"]]
         change_basis = "in the 24 hours before this snapshot (first digest)"
+    flagged = flagged_first(scores)
     limit = config.settings.digest_max_rows
     shown = {"newly": newly[:limit], "recovered": recovered[:limit], "high": high[:limit]}
     trends = _trends(
@@ -641,8 +673,11 @@ def render_digest(
         "summary": {
             "tutors": len(scores),
             "high_risk": len(high),
+            "flagged": len(flagged),
             "newest_session_time": newest,
         },
+        "flagged": flagged[:limit],
+        "flagged_more": max(0, len(flagged) - limit),
         "processed": processed,
         "newly_high": shown["newly"],
         "newly_more": len(newly) - len(shown["newly"]),
