@@ -128,20 +128,25 @@ class Row:
     href: str = ""
     name: str = ""
     badges: list[str] = field(default_factory=list)
+    tier: list[str] = field(default_factory=list)
 
 
 class IndexParser(HTMLParser):
-    """The tutor rows of index.html: status, link, link text and badge classes."""
+    """The tutor rows of index.html's table of all tutors: status, link, link text, the
+    status badge's classes and the risk tier badge's."""
 
     def __init__(self) -> None:
         super().__init__()
         self.rows: list[Row] = []
+        self._in_table = False
         self._in_body = False
         self._in_link = False
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
-        if tag == "tbody":
+        if tag == "table":
+            self._in_table = a.get("id") == "tutors"
+        elif tag == "tbody" and self._in_table:
             self._in_body = True
         elif tag == "tr" and self._in_body:
             self.rows.append(Row(status=a.get("data-status") or ""))
@@ -149,7 +154,11 @@ class IndexParser(HTMLParser):
             self.rows[-1].href = a.get("href") or ""
             self._in_link = True
         elif tag == "span" and self._in_body and "badge" in (a.get("class") or "").split():
-            self.rows[-1].badges += (a.get("class") or "").split()
+            row = self.rows[-1]
+            if row.badges:
+                row.tier += (a.get("class") or "").split()
+            else:
+                row.badges += (a.get("class") or "").split()
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "tbody":
@@ -497,7 +506,7 @@ def test_dashboard_in_chromium(published: Settings, tmp_path: Path, browser: Bro
     assert page.locator("#tutors tbody tr:not([hidden])").count() == 4
 
     # A tutor's page, reached by its link: the chart and the reschedules.
-    page.get_by_role("link", name=NAMES["A"]).click()
+    page.locator("#tutors").get_by_role("link", name=NAMES["A"]).click()
     page.wait_for_load_state()
     assert page.url.endswith("/tutors/A.html")
     chart = page.locator("svg.chart")
@@ -513,7 +522,7 @@ def test_dashboard_in_chromium(published: Settings, tmp_path: Path, browser: Bro
     chart.screenshot(path=str(ARTIFACTS / "tutor-chart.png"))
 
     page.go_back()
-    page.get_by_role("link", name=ODD_ID).click()
+    page.locator("#tutors").get_by_role("link", name=ODD_ID).click()
     page.wait_for_load_state()
     assert (page.locator("h1").text_content() or "").strip().startswith(ODD_ID)
     assert problems == []

@@ -11,9 +11,11 @@ its :class:`~tutor_scoring_dagster.schemas.TutorRiskTiers` columns (``score_row_
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pandera.polars as pa
@@ -38,6 +40,7 @@ from tutor_scoring_dagster.scoring import (
     CHUNK_DAYS,
     RiskRule,
     ScoresInvalid,
+    as_utc,
     day_offset,
     score_snapshots,
     snapshot_day,
@@ -166,6 +169,17 @@ def assess_as_of(
     """Every tutor's scores, tier, drivers and action as of the instant ``as_of``."""
     day = snapshot_day(as_of)
     return assess_days(con, day, day, rule, params, offset=day_offset(as_of))
+
+
+def flagged_since(row: Mapping[str, Any]) -> str:
+    """When a score row's current warning began, for people: "since 2026-03-01", or "for 30+
+    days" when the start lies beyond the reach of ``watch_since``."""
+    since, as_of = row.get("watch_since"), row.get("as_of")
+    if since is None or as_of is None:
+        return "not flagged"
+    if as_utc(as_of) - as_utc(since) >= timedelta(days=WATCH_SINCE_REACH_DAYS):
+        return f"for {WATCH_SINCE_REACH_DAYS}+ days"
+    return f"since {as_utc(since):%Y-%m-%d}"
 
 
 def _validate(model: type[pa.DataFrameModel], frame: pl.DataFrame) -> pl.DataFrame:

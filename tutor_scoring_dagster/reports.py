@@ -38,7 +38,7 @@ import jinja2
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from tutor_scoring_dagster.assessment import WATCH_SINCE_REACH_DAYS
+from tutor_scoring_dagster.assessment import flagged_since
 from tutor_scoring_dagster.delivery import (
     DeliveryError,
     EmailSender,
@@ -457,17 +457,6 @@ def _when(value: datetime | None, fmt: str = "%Y-%m-%d %H:%M") -> str:
     return "-" if value is None else f"{as_utc(value):{fmt}} UTC"
 
 
-def _flagged_since(row: Mapping[str, Any]) -> str:
-    """When a tutor's current warning began: a date, or how long at least (the start lies
-    beyond the reach of ``watch_since``)."""
-    since = row.get("watch_since")
-    if since is None:
-        return "not flagged"
-    if as_utc(row["as_of"]) - as_utc(since) >= timedelta(days=WATCH_SINCE_REACH_DAYS):
-        return f"for {WATCH_SINCE_REACH_DAYS}+ days"
-    return f"since {as_utc(since):%Y-%m-%d}"
-
-
 def _hours(value: float | None) -> str:
     if value is None:
         return "-"
@@ -502,7 +491,7 @@ def template_env() -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.filters.update(
-        pct=_pct, when=_when, hours=_hours, bar_segments=bar_segments, flagged_since=_flagged_since
+        pct=_pct, when=_when, hours=_hours, bar_segments=bar_segments, flagged_since=flagged_since
     )
     return env
 

@@ -17,7 +17,7 @@ import math
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from functools import cache
 from pathlib import Path
@@ -28,9 +28,10 @@ import polars as pl
 from markupsafe import Markup
 from sqlalchemy.engine import Engine
 
+from tutor_scoring_dagster.assessment import flagged_since
 from tutor_scoring_dagster.config import load_settings
 from tutor_scoring_dagster.paths import REPORTS_DIR
-from tutor_scoring_dagster.schemas import RISK_STATUSES, WINDOWS_DAYS
+from tutor_scoring_dagster.schemas import FLAGGED_TIERS, RISK_STATUSES, RISK_TIERS, WINDOWS_DAYS
 from tutor_scoring_dagster.store import site_reads
 
 SITE_TEMPLATES: Final = REPORTS_DIR / "site"
@@ -38,6 +39,8 @@ STATIC_FILES: Final = ("site.css", "site.js")
 TUTOR_PAGES: Final = "tutors"
 RISK_ORDER: Final = {status: rank for rank, status in enumerate(RISK_STATUSES)}
 """Index order and sort key of a risk status: high first."""
+TIER_ORDER: Final = {tier: rank for rank, tier in enumerate(RISK_TIERS)}
+"""Sort key of a risk tier: high, watch, ok, insufficient data."""
 
 DASH: Final = "\u2013"
 _SAFE_SLUG: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -85,6 +88,8 @@ class SiteData:
     last_day: date | None
     reschedules_since: date
     reschedules_per_tutor: int
+    drivers: pl.DataFrame = field(default_factory=pl.DataFrame)
+    """The current snapshot's risk drivers (``tutor_risk_drivers``), strongest first."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,7 @@ def read_site_data(
         history = site_reads.score_history(conn, first_day)
         sessions = site_reads.daily_sessions(conn, since)
         reschedules = site_reads.reschedules_since(conn, since)
+        drivers = site_reads.current_drivers(conn)
     # History day D is the snapshot at the end of D: later sessions are not on the chart.
     sessions = sessions.filter(pl.col("day") <= last_day)
     # A chart starts at the first stored day when the history is shorter than chart_days.
@@ -138,6 +144,7 @@ def read_site_data(
         last_day=last_day if chart_first else None,
         reschedules_since=first_day,
         reschedules_per_tutor=reschedules_per_tutor,
+        drivers=drivers,
     )
 
 
@@ -356,6 +363,7 @@ def site_env() -> jinja2.Environment:
     env.filters["pct"] = _pct
     env.filters["utc"] = _utc_text
     env.globals["status_label"] = _status_label
+    env.filters["flagged_since"] = flagged_since
     return env
 
 
@@ -427,7 +435,11 @@ def render_site(data: SiteData, out_dir: Path) -> SiteStats:
     for tutor in tutors:
         counts[tutor["risk_status"]] += 1
     index_html = env.get_template("index.html.j2").render(
-        **common, tutors=tutors, counts=counts, rule=_rule(data.scores)
+        **common,
+        tutors=tutors,
+        counts=counts,
+        rule=_rule(data.scores),
+        flagged=_flagged_first(tutors),
     )
     index = out_dir / "index.html"
     put(index, index_html.encode("utf-8"))
@@ -490,8 +502,13 @@ def _tutor_rows(data: SiteData) -> list[dict[str, Any]]:
             on="tutor_id",
             how="left",
         )
+        .join(_driver_lists(data.drivers), on="tutor_id", how="left")
         .with_columns(
             pl.col("reschedules_shown", "reschedules_total").fill_null(0),
+            pl.col("risk_tier")
+            .replace_strict(TIER_ORDER, return_dtype=pl.Int64)
+            .alias("tier_rank"),
+            _pct_text(pl.col("risk_probability")).alias("probability_text"),
             pl.col("risk_status").replace_strict(RISK_ORDER, return_dtype=pl.Int64).alias("rank"),
             pl.coalesce(pl.col("name"), pl.col("tutor_id")).alias("display_name"),
             pl.concat_list(_window_cells(w) for w in WINDOWS_DAYS).alias("windows"),
@@ -508,6 +525,37 @@ def _tutor_rows(data: SiteData) -> list[dict[str, Any]]:
     for row, slug in zip(rows, tutor_slugs([r["tutor_id"] for r in rows]), strict=True):
         row["slug"] = slug
     return rows
+
+
+def _flagged_first(tutors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``watch`` and ``high`` tutors in the order to act on them: newly flagged first,
+    then the most recent warnings, ``high`` before ``watch``, then the most probable."""
+    flagged = [t for t in tutors if t["risk_tier"] in FLAGGED_TIERS]
+    return sorted(
+        flagged,
+        key=lambda t: (
+            not t["newly_flagged"],
+            -t["watch_since"].timestamp(),
+            TIER_ORDER[t["risk_tier"]],
+            -(t["risk_probability"] or 0.0),
+            t["tutor_id"],
+        ),
+    )
+
+
+def _driver_lists(drivers: pl.DataFrame) -> pl.DataFrame:
+    """Per tutor, the driver rows as a list (``drivers``) for the tutor page's table."""
+    if drivers.is_empty():
+        return pl.DataFrame(schema={"tutor_id": pl.String(), "drivers": pl.List(pl.Null())})
+    return drivers.group_by("tutor_id", maintain_order=True).agg(
+        pl.struct(
+            "driver",
+            "description",
+            _pct_text(pl.col("tutor_value")).alias("tutor_value"),
+            _pct_text(pl.col("population_value")).alias("population_value"),
+            pl.format("{}x", pl.col("lift").round(1)).fill_null(pl.lit(DASH)).alias("lift"),
+        ).alias("drivers")
+    )
 
 
 def _pct_text(value: pl.Expr) -> pl.Expr:

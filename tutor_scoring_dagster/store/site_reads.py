@@ -14,7 +14,7 @@ import polars as pl
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from tutor_scoring_dagster.schemas import WINDOWS_DAYS, score_columns
+from tutor_scoring_dagster.schemas import WINDOWS_DAYS, score_row_schema
 from tutor_scoring_dagster.store import tables as t
 
 UTC_TIME: Final = pl.Datetime("us", "UTC")
@@ -94,7 +94,7 @@ def _day_of(conn: Connection, column: sa.ColumnElement[Any]) -> sa.ColumnElement
 def current_snapshot(conn: Connection) -> pl.DataFrame:
     """The current scores, one row per tutor, with the tutor's ``name`` and ``is_active``."""
     s, tu = t.tutor_scores, t.tutors
-    columns = [s.c[name] for name in score_columns()]
+    columns = [s.c[name] for name in score_row_schema()]
     query = sa.select(*columns, tu.c.name, tu.c.is_active).select_from(
         s.outerjoin(tu, tu.c.tutor_id == s.c.tutor_id)
     )
@@ -106,6 +106,15 @@ def current_snapshot(conn: Connection) -> pl.DataFrame:
         }
     )
     return _read(conn, query, schema)
+
+
+def current_drivers(conn: Connection) -> pl.DataFrame:
+    """The drivers of the current snapshot's flagged tutors (``tutor_risk_drivers``), the
+    strongest (highest lift) first within each tutor."""
+    d = t.tutor_risk_drivers
+    columns = [c for c in d.c if c.name != "updated_at"]
+    query = sa.select(*columns).order_by(d.c.tutor_id, d.c.lift.desc().nulls_last(), d.c.driver)
+    return _read(conn, query, pl.Schema({c.name: _polars_type(c) for c in columns}))
 
 
 def score_history(conn: Connection, since: date) -> pl.DataFrame:
