@@ -109,6 +109,21 @@ def test_list_tutors_filters_and_sorts_like_the_api(
     assert row["as_of"] == f.AS_OF  # an aware UTC datetime on every database
 
 
+@pytest.mark.parametrize("tier", ["high", "watch", "ok", "insufficient_data"])
+def test_list_tutors_filters_by_risk_tier(
+    published: tuple[sa.Engine, dict[str, pl.DataFrame]], tier: str
+) -> None:
+    engine, data = published
+    want = data["scores"].filter(pl.col("risk_tier") == tier).sort("tutor_id")
+    assert want.height > 0
+    page = reads.list_tutors(engine, risk_tier=tier, sort_by="tutor_id", order="asc", limit=1000)
+    assert [r["tutor_id"] for r in page.tutors] == want.get_column("tutor_id").to_list()
+    assert page.total == want.height
+    assert {r["risk_tier"] for r in page.tutors} == {tier}
+    both = reads.list_tutors(engine, risk_status="high", risk_tier=tier, limit=1000)
+    assert both.total == want.filter(pl.col("risk_status") == "high").height
+
+
 def test_the_default_order_puts_empty_windows_last(
     published: tuple[sa.Engine, dict[str, pl.DataFrame]],
 ) -> None:
@@ -139,6 +154,7 @@ def test_pagination_edges(published: tuple[sa.Engine, dict[str, pl.DataFrame]]) 
         ({"sort_by": "salary"}, "cannot sort tutors by 'salary'; allowed: tutor_id, as_of, "),
         ({"risk_status": "low_risk"}, "unknown risk status 'low_risk'; allowed: high, ok, "),
         ({"order": "up"}, "unknown sort order 'up'; allowed: asc, desc"),
+        ({"risk_tier": "amber"}, "unknown risk tier 'amber'; allowed: high, watch, ok, "),
         ({"limit": -1}, "limit must be 0 or more, got -1"),
         ({"offset": -5}, "offset must be 0 or more, got -5"),
     ],

@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     tutors = sub.add_parser("tutors", help="current scores from the serving store")
     tutors.add_argument("--risk", choices=("high", "ok", "insufficient_data"), default=None)
+    tutors.add_argument(
+        "--tier",
+        choices=("high", "watch", "ok", "insufficient_data"),
+        default=None,
+        help="only tutors of this risk tier (watch: early warning)",
+    )
     tutors.add_argument("--sort-by", default="reschedule_rate_30d", help="any score column")
     tutors.add_argument("--order", choices=("asc", "desc"), default="desc")
     tutors.add_argument("--limit", type=_not_negative, default=50)
@@ -276,6 +282,7 @@ TABLE_COLUMNS = (
     ("tutor_id", "tutor"),
     ("name", "name"),
     ("risk_status", "risk"),
+    ("risk_tier", "tier"),
     ("reschedule_rate_7d", "resched 7d"),
     ("reschedule_rate_30d", "resched 30d"),
     ("reschedule_rate_90d", "resched 90d"),
@@ -332,6 +339,7 @@ def cmd_tutors(args: argparse.Namespace) -> int:
         lambda engine: list_tutors(
             engine,
             risk_status=args.risk,
+            risk_tier=args.tier,
             sort_by=args.sort_by,
             order=args.order,
             limit=args.limit,

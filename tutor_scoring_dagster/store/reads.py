@@ -16,7 +16,7 @@ from typing import Any, Final
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from tutor_scoring_dagster.schemas import RISK_STATUSES
+from tutor_scoring_dagster.schemas import RISK_STATUSES, RISK_TIERS
 from tutor_scoring_dagster.store import tables as t
 from tutor_scoring_dagster.store.report_reads import utc
 
@@ -73,12 +73,14 @@ def list_tutors(
     engine: Engine,
     *,
     risk_status: str | None = None,
+    risk_tier: str | None = None,
     sort_by: str = DEFAULT_SORT,
     order: str = "desc",
     limit: int = 100,
     offset: int = 0,
 ) -> TutorPage:
     """Tutors with current scores, those of ``risk_status`` only if given (``high``, ``ok``,
+    ``insufficient_data``) and of ``risk_tier`` only if given (``high``, ``watch``, ``ok``,
     ``insufficient_data``), sorted by ``sort_by`` (``order``: ``asc`` | ``desc``; nulls last,
     then by tutor id), ``limit`` of them from ``offset`` on.
 
@@ -91,13 +93,20 @@ def list_tutors(
             f"unknown risk status {risk_status!r}; allowed: {', '.join(RISK_STATUSES)} "
             "(or none for all)"
         )
+    if risk_tier is not None and risk_tier not in RISK_TIERS:
+        raise ValueError(
+            f"unknown risk tier {risk_tier!r}; allowed: {', '.join(RISK_TIERS)} (or none for all)"
+        )
     if sort_by not in sort_columns():
         raise ValueError(f"cannot sort tutors by {sort_by!r}; allowed: {', '.join(sort_columns())}")
     if order not in SORT_ORDERS:
         raise ValueError(f"unknown sort order {order!r}; allowed: {', '.join(SORT_ORDERS)}")
     _not_negative(limit=limit, offset=offset)
     s, tu = t.tutor_scores, t.tutors
-    where = sa.true() if risk_status is None else s.c.risk_status == risk_status
+    where = sa.and_(
+        sa.true() if risk_status is None else s.c.risk_status == risk_status,
+        sa.true() if risk_tier is None else s.c.risk_tier == risk_tier,
+    )
     key = tu.c.name if sort_by == "name" else s.c[sort_by]
     ordered = key.asc() if order == "asc" else key.desc()
     query = (
