@@ -385,6 +385,14 @@ def _parquet_bytes(text: str = GOOD_TEXT) -> bytes:
     return buf.getvalue()
 
 
+def _wide_parquet(columns: int) -> bytes:
+    frame = pl.read_csv(io.StringIO(GOOD_TEXT), infer_schema=False)
+    frame = frame.with_columns(pl.lit("x").alias(f"extra_{i}") for i in range(columns))
+    buf = io.BytesIO()
+    frame.write_parquet(buf)
+    return buf.getvalue()
+
+
 def _xlsx_like() -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
@@ -493,6 +501,38 @@ FILE_DEFECTS: list[tuple[str, str, Callable[[], bytes], str]] = [
         "names a column more than once: status",
     ),
     (
+        "a column twice once trimmed",
+        "sessions_b.csv",
+        lambda: GOOD_TEXT.replace("student_id", " status ", 1).encode(),
+        "names a column more than once (spaces around names aside): status",
+    ),
+    (
+        "a line break in a header name",
+        "sessions_b.csv",
+        lambda: GOOD_TEXT.replace("tutor_id", '"tutor\nid"', 1).encode(),
+        "missing required column(s) tutor_id; found session_id, tutor id, student_id",
+    ),
+    (
+        "too many columns",
+        "sessions_b.csv",
+        lambda: GOOD_TEXT.replace(
+            "\n", "," + ",".join(f"c{i}" for i in range(1000)) + "\n", 1
+        ).encode(),
+        "the header has more than 1,000 columns",
+    ),
+    (
+        "a header over 1 MiB",
+        "sessions_b.csv",
+        lambda: GOOD_TEXT.replace("\n", ',"' + "x" * (1 << 20) + '"\n', 1).encode(),
+        "the header row is longer than 1 MiB",
+    ),
+    (
+        "too many parquet columns",
+        "sessions_b.parquet",
+        lambda: _wide_parquet(1000),
+        "the file has 1,009 columns; at most 1,000",
+    ),
+    (
         "every row invalid",
         "sessions_b.csv",
         lambda: sessions_csv(session(status="x"), session(session_id="S2", status="y")).encode(),
@@ -519,13 +559,109 @@ def test_a_broken_file_is_quarantined_with_its_reason_and_the_others_load(
     outcome, why = outcomes[name]
     assert outcome == "quarantined"
     assert why is not None and reason in why
+    assert "\n" not in why and "\r" not in why  # one line in the sidecar, logs and reports
     # Nothing is deleted: the file sits in quarantine, byte for byte, with its reason beside it.
     assert lake.landing_files() == []
     assert (lake.quarantine / name).read_bytes() == bad_bytes
     sidecar = (lake.quarantine / (name + ingest.REASON_SUFFIX)).read_text(encoding="utf-8")
     assert reason in sidecar
+    assert len(sidecar.splitlines()) == 5  # file, sha256, quarantined_at, reason, advice
     assert lake.query("SELECT file_name, reason FROM quarantined_files").rows() == [(name, why)]
     assert lake.count("raw_sessions") == 2
+
+
+def test_a_gzip_inflating_past_its_bound_is_quarantined_as_a_bomb(
+    lake: Lake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ingest, "INFLATE_MIN_LIMIT", 1 << 20)
+    bomb = gzip.compress(GOOD_TEXT.encode() + b"\0" * (4 << 20), 9)  # ~4 kB: bound 1 MiB
+    fine = gzip.compress(GOOD_TEXT.replace("S1", "SA").replace("S2", "SB").encode() * 2)
+    report = lake.ingest(
+        [lake.drop("sessions_bomb.csv.gz", bomb), lake.drop("sessions_ok.csv.gz", fine)]
+    )
+    outcomes = {f.file_name: (f.outcome, f.reason or "") for f in report.files}
+    assert outcomes["sessions_ok.csv.gz"][0] == "loaded"
+    outcome, why = outcomes["sessions_bomb.csv.gz"]
+    assert outcome == "quarantined" and "inflates to more than 1 MiB" in why
+    assert "suspected zip bomb" in why
+
+
+@pytest.mark.parametrize(
+    ("header", "columns"),
+    [
+        ('a,"b,c",d', 3),  # a quoted comma is part of a name
+        ('a,"b\nc,d",e', 3),  # so is a quoted line break
+        ('a,b"c,d', 3),  # a quote inside a field is a character, not a quote
+        (",".join(["c"] * 1000), 1000),
+    ],
+)
+def test_the_header_check_counts_columns_as_rfc_4180_does(header: str, columns: int) -> None:
+    data = (header + "\n1,2\n").encode()
+    ingest.check_csv_header(data)  # at most 1,000 columns: accepted
+    with pytest.raises(ingest.FileRejected, match="more than 1,000 columns"):
+        ingest.check_csv_header((header + ",x" * (1001 - columns) + "\n").encode())
+
+
+def test_a_parquet_column_polars_cannot_cast_rejects_its_rows(lake: Lake) -> None:
+    frame = pl.DataFrame(
+        {"tutor_id": ["T1", "T2"], "is_active": [date(2024, 1, 1), None]}  # Date -> Boolean
+    )
+    buf = io.BytesIO()
+    frame.write_parquet(buf)
+    result = only(lake.ingest([lake.drop("tutors_1.parquet", buf.getvalue())]))
+    assert (result.outcome, result.rows_loaded, result.rows_rejected) == ("loaded", 1, 1)
+    assert lake.query("SELECT line_number, column_name, reason FROM rejected_rows").row(0) == (
+        1,
+        "is_active",
+        "not a valid boolean (true/false, 1/0, t/f): 2024-01-01",
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype"),
+    [
+        (pl.Series("t", [1709287200, 1709290800, None]), pl.Datetime("us", "UTC")),
+        (pl.Series("t", [date(2024, 1, 1)] * 3), pl.Boolean()),
+        (pl.Series("t", [timedelta(1)] * 3), pl.Datetime("us", "UTC")),
+    ],
+)
+def test_a_column_of_a_type_that_does_not_convert_becomes_nulls_of_its_length(
+    values: pl.Series, dtype: pl.DataType
+) -> None:
+    out = ingest.coerce_column(values, dtype)
+    assert (out.len(), out.null_count(), out.dtype) == (3, 3, dtype)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        pl.exceptions.ComputeError("boom"),
+        pl.exceptions.PanicException("boom"),
+        UnicodeDecodeError("utf-8", b"\xff", 0, 1, "boom"),
+    ],
+    ids=["polars-error", "polars-panic", "decode-error"],
+)
+def test_an_unforeseen_read_error_quarantines_the_file_and_the_others_load(
+    lake: Lake, monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    real = ingest.type_and_validate
+
+    def breaks_on_s9(frame: pl.DataFrame, entity: str, *, first_line: int) -> ingest.TypedDrop:
+        if "S9" in frame.get_column("session_id").to_list():
+            raise error
+        return real(frame, entity, first_line=first_line)
+
+    monkeypatch.setattr(ingest, "type_and_validate", breaks_on_s9)
+    lake.drop("sessions_bad.csv", GOOD_TEXT.replace("S2", "S9"))
+    os.utime(lake.landing / "sessions_bad.csv", (1e9, 1e9))  # the first of the pass
+    lake.drop("sessions_good.csv", GOOD_TEXT)
+    report = lake.ingest()
+    outcomes = {f.file_name: (f.outcome, f.reason or "") for f in report.files}
+    assert outcomes["sessions_good.csv"][0] == "loaded"
+    outcome, why = outcomes["sessions_bad.csv"]
+    assert outcome == "quarantined"
+    assert why.startswith(f"cannot read or validate the file ({type(error).__name__}: ")
+    assert lake.landing_files() == []
 
 
 def test_a_fixed_file_dropped_again_under_the_same_name_loads(lake: Lake) -> None:
@@ -544,6 +680,11 @@ def test_a_fixed_file_dropped_again_under_the_same_name_loads(lake: Lake) -> Non
         ("sessions_crlf.csv", GOOD_TEXT.replace("\n", "\r\n").encode()),
         ("sessions_bom.csv", b"\xef\xbb\xbf" + GOOD_TEXT.encode()),
         ("sessions_gz.csv.gz", gzip.compress(GOOD_TEXT.encode())),
+        (  # several gzip members (as `cat a.gz b.gz` makes), zero padding after the last
+            "sessions_members.csv.gz",
+            b"".join(gzip.compress(line.encode()) for line in GOOD_TEXT.splitlines(True))
+            + b"\0" * 16,
+        ),
         ("sessions_blank_line.csv", GOOD_TEXT.replace("\nS2", "\n\nS2").encode()),
         ("sessions_pq.parquet", _parquet_bytes()),
     ],
@@ -701,6 +842,54 @@ def test_a_crash_after_commit_before_the_move_archives_and_loads_nothing_twice(
     assert (lake.archive / ("sessions_1.csv" + ingest.REJECTED_SUFFIX)).exists()
     assert not (lake.archive / ("sessions_1.csv" + ingest.REASON_SUFFIX)).exists()
     assert (lake.count("raw_sessions"), lake.count("rejected_rows")) == (1, 1)
+
+
+def test_the_rejected_rows_csv_is_written_before_the_file_leaves_landing(
+    lake: Lake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = sessions_csv(session(), session(session_id="S2", status="bad"))
+    path = lake.drop("sessions_1.csv", text)
+
+    def crash(*args: object, **kwargs: object) -> Path:
+        raise RuntimeError("the process dies before the move")
+
+    monkeypatch.setattr(ingest, "move_file", crash)
+    with pytest.raises(RuntimeError, match="dies before the move"):
+        lake.ingest()
+    # Committed, its CSV written where the file goes; the file still in landing.
+    assert lake.landing_files() == ["sessions_1.csv"]
+    csv_path = lake.archive / ("sessions_1.csv" + ingest.REJECTED_SUFFIX)
+    written = csv_path.read_text(encoding="utf-8")
+    assert "S2" in written and not list(lake.archive.glob(".tmp-*"))
+    monkeypatch.undo()
+    result = only(lake.ingest())
+    assert result.outcome == "duplicate" and result.moved_to == lake.archive / path.name
+    assert csv_path.read_text(encoding="utf-8") == written
+    assert sorted(p.name for p in lake.archive.iterdir()) == [
+        "sessions_1.csv",
+        "sessions_1.csv" + ingest.REJECTED_SUFFIX,
+    ]
+
+
+def test_sidecars_replace_a_link_planted_where_they_go_and_never_follow_it(
+    lake: Lake, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n", encoding="utf-8")
+    lake.archive.mkdir(parents=True)
+    planted = [
+        lake.archive / ("sessions_1.csv" + ingest.REJECTED_SUFFIX),
+        lake.archive / ("sessions_copy.csv" + ingest.REASON_SUFFIX),
+    ]
+    for link in planted:
+        link.symlink_to(victim)
+    lake.drop("sessions_1.csv", sessions_csv(session(), session(session_id="S2", status="x")))
+    assert only(lake.ingest()).rows_rejected == 1
+    lake.drop("sessions_copy.csv", (lake.archive / "sessions_1.csv").read_bytes())
+    assert only(lake.ingest()).outcome == "duplicate"
+    assert victim.read_text(encoding="utf-8") == "precious\n"
+    for sidecar in planted:
+        assert not sidecar.is_symlink() and sidecar.stat().st_mode & 0o777 == 0o644
 
 
 def test_the_same_bytes_under_another_name_or_again_load_nothing_new(lake: Lake) -> None:

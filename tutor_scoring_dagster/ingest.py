@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import gzip
 import hashlib
 import io
 import json
@@ -22,14 +21,16 @@ import os
 import re
 import shutil
 import stat
+import tempfile
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TextIO
 
 import duckdb
 import pandera.polars as pa
@@ -54,6 +55,20 @@ DEFER_CHECKPOINTS_FILES: Final = 10
 PASS_CHECKPOINT_THRESHOLD: Final = "1GB"
 PREPARE_AHEAD: Final = 1
 """Files read and validated ahead of the one loading (each held in memory until loaded)."""
+
+MAX_HEADER_BYTES: Final = 1 << 20
+"""A header row longer than this (1 MiB) is refused before parsing."""
+MAX_COLUMNS: Final = 1000
+"""A file with more columns than this is refused before parsing (the contract has about ten)."""
+INFLATE_MIN_LIMIT: Final = 64 << 20
+INFLATE_MAX_LIMIT: Final = 256 << 20
+INFLATE_RATIO: Final = 100
+"""A ``.csv.gz`` may inflate to ``INFLATE_RATIO`` times its size, within the two limits; CSV
+compresses 5 to 20 times, so a file past that is a decompression bomb, not an export."""
+INFLATE_STEP: Final = 1 << 16
+"""Compressed bytes inflated per step."""
+SIDECAR_MODE: Final = 0o644
+"""Mode of the files ingest writes beside drops (what a plain write gives under umask 022)."""
 
 TOUCHED_TIME_COLUMN: Final = {"sessions": "scheduled_time", "reschedules": "original_time"}
 """The column whose range ``loaded_files.min/max_scheduled_time`` records, per entity."""
@@ -348,7 +363,8 @@ def _suffix(drop: Drop) -> str:
 
 def read_drop(drop: Drop, data: bytes) -> pl.DataFrame:
     """A landing file's bytes as a frame: CSV cells stay text until typed, Parquet keeps its
-    types. Raises `FileRejected` when the bytes are not what the file's name says."""
+    types. Raises `FileRejected` when the bytes are not what the file's name says, or are too
+    big to read safely (a decompression bomb, an absurd header)."""
     kind = _content_kind(data)
     if kind == "empty":
         raise FileRejected("the file is empty (0 bytes)")
@@ -360,6 +376,7 @@ def read_drop(drop: Drop, data: bytes) -> pl.DataFrame:
                 "the Parquet file is truncated (no footer): was it copied before it was complete?"
             )
         try:
+            check_parquet_header(data)
             frame = _plain_values(pl.read_parquet(io.BytesIO(data)), drop.entity)
         except (pl.exceptions.PolarsError, OSError, ValueError) as exc:
             raise FileRejected(f"cannot read the Parquet file: {_one_line(exc)}") from exc
@@ -367,17 +384,102 @@ def read_drop(drop: Drop, data: bytes) -> pl.DataFrame:
         if _suffix(drop) == ".csv.gz":
             if kind != "gzip":
                 raise FileRejected(f"the file is named .csv.gz but is not gzip-compressed ({kind})")
-            try:
-                data = gzip.decompress(data)
-            except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-                raise FileRejected(f"the gzip stream is truncated or corrupt: {exc}") from exc
+            data = inflate_gzip(data)
             kind = _content_kind(data)
             if kind == "empty":
                 raise FileRejected("the file is empty (no bytes once decompressed)")
         if kind != "text":
             raise FileRejected(f"the file is named {_suffix(drop)} but {_KIND_TEXT[kind]}")
+        check_csv_header(data)
         frame = _read_csv(data)
-    return frame.rename({c: c.strip().lstrip("\ufeff") for c in frame.columns})
+    names = [c.strip().lstrip("\ufeff") for c in frame.columns]
+    twice = sorted(name for name, n in Counter(names).items() if n > 1)
+    if twice:
+        # Polars renames an exact repeat (status_duplicated_0, see check_columns); a repeat
+        # that differs only by spaces around it would collide once the names are trimmed.
+        raise FileRejected(
+            "the header names a column more than once (spaces around names aside): "
+            + ", ".join(twice)[:300]
+        )
+    return frame.rename(dict(zip(frame.columns, names, strict=True)))
+
+
+_ZEROS: Final = re.compile(rb"\0*")
+
+
+def inflate_gzip(data: bytes) -> bytes:
+    """A ``.csv.gz`` inflated (every gzip member, as gzip does), never past a bound: more than
+    `INFLATE_RATIO` times its size (within the limits) rejects the file as a zip bomb."""
+    limit = min(INFLATE_MAX_LIMIT, max(INFLATE_MIN_LIMIT, INFLATE_RATIO * len(data)))
+    view = memoryview(data)
+    out: list[bytes] = []
+    size = pos = 0
+    member: Any = None  # the gzip member being inflated
+    try:
+        while True:
+            if member is None or member.eof:
+                # Zero bytes after a member are padding (gzip skips them too).
+                padding = _ZEROS.match(data, pos)
+                assert padding is not None  # zero or more: it always matches
+                pos = padding.end()
+                if pos >= len(data):
+                    break
+                member = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # checks header, CRC
+            elif pos >= len(data):
+                raise EOFError("the stream ends before its end-of-stream marker")
+            # Small pieces of input, so that what is left over is never a copy of the rest.
+            piece = view[pos : pos + INFLATE_STEP]
+            chunk = member.decompress(piece, limit + 1 - size)
+            pos += len(piece) - len(member.unconsumed_tail) - len(member.unused_data)
+            size += len(chunk)
+            if size > limit:
+                raise FileRejected(
+                    f"the gzip stream inflates to more than {limit / (1 << 20):.0f} MiB from "
+                    f"{len(data):,} bytes: a suspected zip bomb (split the export, or send "
+                    "Parquet)"
+                )
+            out.append(chunk)
+    except (EOFError, zlib.error) as exc:
+        raise FileRejected(f"the gzip stream is truncated or corrupt: {exc}") from exc
+    return b"".join(out)
+
+
+_HEADER_FIELD: Final = re.compile(rb'(?:"(?:[^"]++|"")*+(?:"|\Z))?[^,\r\n]*+')
+"""One header field as RFC 4180 reads it: optionally quoted (a quote only opens a field)."""
+
+
+def check_csv_header(data: bytes) -> None:
+    """Refuse a header row over `MAX_HEADER_BYTES` or of more than `MAX_COLUMNS` columns,
+    looking at its bytes only: Polars would allocate for every column before reading a row."""
+    head = data[:MAX_HEADER_BYTES]
+    pos, columns = 0, 1
+    while True:
+        end = _HEADER_FIELD.match(head, pos)
+        assert end is not None  # every pattern part may match nothing
+        pos = end.end()
+        if pos >= len(head):
+            if len(data) > len(head):
+                raise FileRejected(
+                    f"the header row is longer than {MAX_HEADER_BYTES >> 20} MiB "
+                    "(or a quote in it is never closed)"
+                )
+            return
+        if head[pos] != ord(","):
+            return  # the end of the line, so of the header
+        columns += 1
+        pos += 1
+        if columns > MAX_COLUMNS:
+            raise FileRejected(f"the header has more than {MAX_COLUMNS:,} columns")
+
+
+def check_parquet_header(data: bytes) -> None:
+    """Refuse a Parquet file of more than `MAX_COLUMNS` columns or names over
+    `MAX_HEADER_BYTES`, from its footer's schema, before reading any data."""
+    schema = pl.read_parquet_schema(io.BytesIO(data))
+    if len(schema) > MAX_COLUMNS:
+        raise FileRejected(f"the file has {len(schema):,} columns; at most {MAX_COLUMNS:,}")
+    if sum(len(name.encode()) for name in schema) > MAX_HEADER_BYTES:
+        raise FileRejected(f"the column names add up to more than {MAX_HEADER_BYTES >> 20} MiB")
 
 
 def _plain_values(frame: pl.DataFrame, entity: str | None) -> pl.DataFrame:
@@ -446,8 +548,7 @@ def _utf8_problem(data: bytes) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300]
+    return one_line(str(exc))[:300]
 
 
 def check_columns(frame: pl.DataFrame, entity: str, *, fmt: str | None = "csv") -> None:
@@ -568,12 +669,31 @@ def _coerce_typed(col: pl.Expr, source: pl.DataType, dtype: pl.DataType) -> pl.E
             return col.dt.convert_time_zone("UTC").cast(pl.Datetime("us", "UTC"))
         if source == pl.Date:
             return col.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
-        return pl.lit(None, dtype=dtype)
+        # As long as the column (a bare literal would make a one-row result).
+        return pl.repeat(None, pl.len(), dtype=dtype)
     if dtype == pl.Int64 and source.is_float():
         return pl.when(col == col.floor()).then(col.cast(pl.Int64, strict=False))
     if dtype == pl.Boolean and source.is_integer():
         return pl.when(col.is_in([0, 1])).then(col == 1)  # 1/0 only, as in text
     return col.cast(dtype, strict=False)
+
+
+_CAST_ERRORS: Final = (
+    pl.exceptions.InvalidOperationError,
+    pl.exceptions.ComputeError,
+    pl.exceptions.SchemaError,
+)
+"""What Polars raises for a cast it does not support at all (e.g. Date -> Boolean)."""
+
+
+def _coerce_typed_column(values: pl.Series, dtype: pl.DataType) -> pl.Series:
+    """`_coerce_typed` on a column; all null when Polars cannot cast its type at all, so that
+    each of its values is rejected with its row, as a value that does not parse is."""
+    try:
+        expr = _coerce_typed(pl.col(values.name), values.dtype, dtype)
+        return values.to_frame().select(expr.alias(values.name)).to_series()
+    except _CAST_ERRORS:
+        return pl.repeat(None, values.len(), dtype=dtype, eager=True).alias(values.name)
 
 
 def coerce_column(values: pl.Series, dtype: pl.DataType) -> pl.Series:
@@ -583,11 +703,7 @@ def coerce_column(values: pl.Series, dtype: pl.DataType) -> pl.Series:
         if values.dtype == pl.String:
             out = parse_timestamp_series(values)
         else:
-            out = (
-                values.to_frame()
-                .select(_coerce_typed(pl.col(values.name), values.dtype, dtype))
-                .to_series()
-            )
+            out = _coerce_typed_column(values, dtype)
         # Year 0 or 9999 is a broken export, not a session; it would also break every window.
         low, high = TIMESTAMP_RANGE
         return (
@@ -599,8 +715,7 @@ def coerce_column(values: pl.Series, dtype: pl.DataType) -> pl.Series:
             )
             .to_series()
         )
-    expr = _coerce_typed(pl.col(values.name), values.dtype, dtype)
-    return values.to_frame().select(expr.alias(values.name)).to_series()
+    return _coerce_typed_column(values, dtype)
 
 
 def _blank(col: pl.Expr, dtype: pl.DataType) -> pl.Expr:
@@ -856,12 +971,50 @@ def _free_name(folder: Path, name: str, digest: str) -> Path:
     return target
 
 
-def move_file(path: Path, folder: Path, digest: str) -> Path:
-    """Move a landing file (a link as a link) into ``folder`` without overwriting anything."""
+def destination(folder: Path, path: Path, digest: str) -> Path:
+    """Where a landing file will go in ``folder`` (created if need be): a name not taken."""
     folder.mkdir(parents=True, exist_ok=True)
-    target = _free_name(folder, path.name, digest)
+    return _free_name(folder, path.name, digest)
+
+
+def move_file(path: Path, folder: Path, digest: str, *, target: Path | None = None) -> Path:
+    """Move a landing file (a link as a link) into ``folder`` without overwriting anything
+    (to ``target``, its `destination` chosen before, when given)."""
+    if target is None:
+        target = destination(folder, path, digest)
     shutil.move(str(path), target)
     return target
+
+
+def beside(target: Path, suffix: str) -> Path:
+    """The path of a sidecar of ``target`` (its reason, its rejected rows)."""
+    return target.with_name(target.name + suffix)
+
+
+def one_line(text: str) -> str:
+    """Text that stays on one line wherever it is written (a reason from a file's own header
+    names could otherwise add lines to a sidecar, a log or a report)."""
+    return " ".join(text.split())
+
+
+def write_file(path: Path, write: Callable[[TextIO], object]) -> None:
+    """Write a text file whole or not at all, never through a link at ``path``.
+
+    The text goes to a new temporary file beside it, created exclusively (so a link planted
+    in the folder is never followed), that then replaces ``path`` (a link there included).
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+    try:
+        os.fchmod(fd, SIDECAR_MODE)
+        with open(fd, "w", newline="", encoding="utf-8") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def neutralize_formula(value: str) -> str:
@@ -870,14 +1023,16 @@ def neutralize_formula(value: str) -> str:
 
 
 def write_safe_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
-    """Write a CSV a person may open in a spreadsheet: every cell formula-neutralized."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
+    """Write a CSV a person may open in a spreadsheet (every cell formula-neutralized), whole
+    or not at all."""
+
+    def write(fh: TextIO) -> None:
         writer = csv.writer(fh)
         writer.writerow(header)
         for row in rows:
             writer.writerow(["" if v is None else neutralize_formula(str(v)) for v in row])
-    os.replace(tmp, path)
+
+    write_file(path, write)
 
 
 def write_rejected_csv(con: duckdb.DuckDBPyConnection, load_id: int, target: Path) -> None:
@@ -891,16 +1046,16 @@ def _quarantine(
     con: duckdb.DuckDBPyConnection, drop: Drop, digest: str, reason: str, quarantine_dir: Path
 ) -> FileResult:
     now = datetime.now(UTC)
-    quarantine_dir.mkdir(parents=True, exist_ok=True)
-    target = _free_name(quarantine_dir, drop.path.name, digest)
+    reason = one_line(reason)
+    target = destination(quarantine_dir, drop.path, digest)
     # The reason first: a crash in between leaves a reason without its file, never the reverse.
-    target.with_name(target.name + REASON_SUFFIX).write_text(
-        f"file: {drop.path.name}\nsha256: {digest}\n"
+    sidecar = (
+        f"file: {one_line(drop.path.name)}\nsha256: {digest}\n"
         f"quarantined_at: {now.isoformat()}\nreason: {reason}\n"
-        "Fix the file and drop it into the landing folder again.\n",
-        encoding="utf-8",
+        "Fix the file and drop it into the landing folder again.\n"
     )
-    shutil.move(str(drop.path), target)
+    write_file(beside(target, REASON_SUFFIX), lambda fh: fh.write(sidecar))
+    move_file(drop.path, quarantine_dir, digest, target=target)
     con.execute(
         load_sql("quarantined_files_insert"),
         {"file_hash": digest, "file_name": drop.path.name, "at": now, "reason": reason},
@@ -926,18 +1081,20 @@ def _duplicate(
     """Archive a file whose bytes were loaded before (a re-drop, or a crash after commit)."""
     load_id, first_name, loaded_at = already
     path = drop.path
-    moved = move_file(path, archive_dir, digest)
-    reason = (
+    target = destination(archive_dir, path, digest)
+    reason = one_line(
         f"same bytes as {first_name}, loaded as load {load_id} at {loaded_at:%Y-%m-%d %H:%M} UTC"
     )
-    if first_name == path.name and moved.name == path.name:
+    # The sidecar first, as for a load: a crash in between leaves the file in landing, and
+    # the next run writes it again.
+    if first_name == path.name and target.name == path.name:
         # The load committed but its file never reached the archive (a crash in between):
         # finish the job as the load would have.
-        write_rejected_csv(con, load_id, moved.with_name(moved.name + REJECTED_SUFFIX))
+        write_rejected_csv(con, load_id, beside(target, REJECTED_SUFFIX))
     else:
-        moved.with_name(moved.name + REASON_SUFFIX).write_text(
-            f"nothing loaded: {reason}\n", encoding="utf-8"
-        )
+        note = f"nothing loaded: {reason}\n"
+        write_file(beside(target, REASON_SUFFIX), lambda fh: fh.write(note))
+    moved = move_file(path, archive_dir, digest, target=target)
     log.info("%s: nothing new, %s", path.name, reason)
     return FileResult(path.name, drop.entity, digest, "duplicate", reason=reason, moved_to=moved)
 
@@ -953,6 +1110,20 @@ class PreparedFile:
     rejected: str | None = None  # why nothing of the file can be loaded
     link_target: str | None = None  # a symbolic link: quarantined as it is, never read
     gone: bool = False  # no longer in the landing folder
+
+
+UNREADABLE: Final = (
+    pl.exceptions.PolarsError,
+    pl.exceptions.PanicException,  # a Polars bug met by odd input (a BaseException)
+    pa.errors.SchemaError,
+    pa.errors.SchemaErrors,
+    ValueError,  # decoding errors (UnicodeDecodeError) among them
+    ArithmeticError,
+    EOFError,
+    csv.Error,
+    zlib.error,
+)
+"""Errors that reading or typing a file's bytes may raise: the file is quarantined with them."""
 
 
 def prepare_file(path: Path) -> PreparedFile:
@@ -989,6 +1160,12 @@ def prepare_file(path: Path) -> PreparedFile:
             )
     except FileRejected as exc:
         return PreparedFile(path, drop, digest, rejected=str(exc))
+    except UNREADABLE as exc:
+        # A file that breaks reading or typing in a way not foreseen above: quarantined with
+        # the error, never left in landing to fail every later run (a poison pill).
+        log.warning("cannot read %s", path.name, exc_info=True)
+        why = f"cannot read or validate the file ({type(exc).__name__}: {_one_line(exc)})"
+        return PreparedFile(path, drop, digest, rejected=why)
     return PreparedFile(path, drop, digest, typed=typed)
 
 
@@ -1009,9 +1186,9 @@ def ingest_file(
     ready = prepared if prepared is not None and prepared.path == path else prepare_file(path)
     drop = ready.drop
     if ready.link_target is not None:
-        target = ready.link_target
-        digest = hashlib.sha256(os.fsencode(target)).hexdigest()
-        reason = f"a symbolic link (to {target}); only regular files are ingested, never read"
+        link = ready.link_target
+        digest = hashlib.sha256(os.fsencode(link)).hexdigest()
+        reason = f"a symbolic link (to {link}); only regular files are ingested, never read"
         return _quarantine(con, drop, digest, reason, quarantine_dir)
     if ready.gone:
         reason = "no longer in the landing folder (ingested or moved by another run)"
@@ -1026,9 +1203,12 @@ def ingest_file(
     typed = ready.typed
     assert typed is not None
     load_id = load_drop(con, drop, digest, typed, fail_after_rows=fail_after_rows)
-    moved = move_file(path, archive_dir, digest)
+    target = destination(archive_dir, path, digest)
     if typed.rows_rejected:
-        write_rejected_csv(con, load_id, moved.with_name(moved.name + REJECTED_SUFFIX))
+        # Before the move: a crash in between leaves the file in landing, and the next run
+        # (which finds it loaded) writes the CSV again. Once moved, no run revisits it.
+        write_rejected_csv(con, load_id, beside(target, REJECTED_SUFFIX))
+    moved = move_file(path, archive_dir, digest, target=target)
     result = FileResult(
         file_name=path.name,
         entity=drop.entity,
@@ -1109,7 +1289,7 @@ def _checkpoints_deferred(con: duckdb.DuckDBPyConnection, files: int) -> Iterato
     if files < DEFER_CHECKPOINTS_FILES:
         yield
         return
-    con.execute(f"SET checkpoint_threshold = '{PASS_CHECKPOINT_THRESHOLD}'")
+    con.execute("SET checkpoint_threshold = $threshold", {"threshold": PASS_CHECKPOINT_THRESHOLD})
     try:
         yield
     finally:

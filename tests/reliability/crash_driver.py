@@ -106,7 +106,8 @@ def install() -> None:
             NTH = len(ingest.list_landing(load_settings().landing_dir))
         after(ingest, "ingest_file")
     elif POINT == "ingest-rejected-csv":
-        # A file archived; its rejected-rows CSV not yet written beside it.
+        # A load committed; its rejected-rows CSV not yet written (nor, since the CSV goes
+        # first, its file archived).
         def has_rejects(con: Any, load_id: int, target: Any) -> bool:
             rows = con.execute(load_sql("rejected_rows_select"), {"load_id": load_id}).fetchall()
             return bool(rows)
@@ -116,20 +117,27 @@ def install() -> None:
         # Daily activity: the partition range's rows deleted, new ones not yet inserted.
         on_connection(score_assets, "materialize_daily_activity", r"^INSERT INTO tutor_daily")
     elif POINT == "score-current":
-        # The current snapshot: old rows deleted, new ones not yet inserted.
-        on_connection(score_assets, "replace_rows", r"^INSERT INTO tutor_scores_current")
+        # The current snapshot: old rows deleted, new ones not yet inserted (by whichever
+        # helper the asset replaces its tables with).
+        for name in ("replace_rows", "replace_tables"):
+            if hasattr(score_assets, name):
+                on_connection(score_assets, name, r"^INSERT INTO tutor_scores_current")
     elif POINT == "publish-copy":
-        # In the middle of COPY .. FROM STDIN into a staging table.
-        real_chunks = publish._csv_chunks
+        # In the middle of COPY .. FROM STDIN into a staging table, whichever format (CSV or
+        # binary) its chunks are in.
+        def halved(real: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+            def chunks(*args: Any) -> Iterator[Any]:
+                for chunk in real(*args):
+                    half = len(chunk) // 2
+                    yield chunk[:half]
+                    hit()
+                    yield chunk[half:]
 
-        def chunks(frame: Any) -> Iterator[bytes]:
-            for chunk in real_chunks(frame):
-                half = len(chunk) // 2
-                yield chunk[:half]
-                hit()
-                yield chunk[half:]
+            return chunks
 
-        publish._csv_chunks = chunks
+        for name in ("_csv_chunks", "_binary_chunks"):
+            if hasattr(publish, name):
+                setattr(publish, name, halved(getattr(publish, name)))
     elif POINT == "publish-merge":
         # In the publish transaction: some tables upserted, the rest not.
         before(publish, "_merge")

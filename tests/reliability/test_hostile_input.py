@@ -224,6 +224,7 @@ def _parquet(frame: pl.DataFrame) -> bytes:
 
 
 BREAKERS = {
+    # Each of these once escaped ingest as an exception, or wrote a reason on several lines.
     # A Parquet column whose type Polars cannot cast to the contract's: InvalidOperationError.
     "date-as-boolean": (
         "tutors_x.parquet",
@@ -255,36 +256,13 @@ BREAKERS = {
         b'session_id,"tutor\nquarantined_at: never",status\nS1,T1,completed\n',
     ),
 }
-BREAKER_BUGS = {
-    "date-as-boolean": "ingest.py:_coerce_typed/coerce_column: `col.cast(dtype, strict=False)` "
-    "raises InvalidOperationError for a cast Polars does not support (Date -> Boolean)",
-    "epoch-as-timestamp": "ingest.py:_coerce_typed returns `pl.lit(None)` for a timestamp column "
-    "of another type; coerce_column's select then yields 1 row, and type_and_validate raises "
-    "ShapeError",
-    "same-name-after-trim": "ingest.py:read_drop renames header names to their stripped form "
-    "without checking they stay unique: DuplicateError",
-    "line-break-in-a-name": "ingest.py:check_columns/_quarantine put raw column names in the "
-    "reason: a reason on several lines in .reason.txt, the digest and the asset metadata",
-}
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=BREAKER_BUGS[k]))
-        for k in BREAKERS
-    ],
-)
+@pytest.mark.parametrize("case", list(BREAKERS))
 def test_files_that_once_broke_ingest_are_quarantined(wh: Warehouse, case: str) -> None:
-    wh.ingest(*BREAKERS[case])
+    assert wh.ingest(*BREAKERS[case]).outcome == "quarantined"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="one unreadable file fails the whole ingest and stays in landing, so every later run "
-    "stops at it (a poison pill): ingest.py:ingest_file only turns FileRejected into a "
-    "quarantine, any other error escapes ingest_landing's loop",
-)
 def test_one_file_that_breaks_typing_does_not_hold_back_the_others(home: Settings) -> None:
     landing = home.landing_dir
     landing.mkdir(parents=True)
@@ -300,10 +278,6 @@ def test_one_file_that_breaks_typing_does_not_hold_back_the_others(home: Setting
     assert sorted(f.outcome for f in report.files) == ["loaded", "quarantined"]
 
 
-FUZZ_BUGS = "fuzzing finds the files of test_files_that_once_broke_ingest_are_quarantined"
-
-
-@pytest.mark.xfail(strict=True, reason=FUZZ_BUGS)
 @FUZZ
 @given(drop=csv_drops())
 @example(drop=BREAKERS["same-name-after-trim"])
@@ -363,7 +337,6 @@ def parquet_drops(draw: st.DrawFn) -> tuple[str, bytes]:
     return f"{entity}_fuzz.parquet", buffer.getvalue()
 
 
-@pytest.mark.xfail(strict=True, reason=FUZZ_BUGS)
 @FUZZ
 @given(drop=parquet_drops())
 @example(drop=BREAKERS["date-as-boolean"])
@@ -445,21 +418,11 @@ def _gzip_bomb() -> bytes:
     return header + gzip.compress(b"\0" * (1 << 24), 9) * 64
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ingest.py:read_drop inflates a .csv.gz whole in memory (gzip.decompress) with no "
-    "bound: a 1 MB file inflating to 1 GiB exhausts the worker instead of being quarantined",
-)
 def test_a_gzip_bomb_is_quarantined_without_exhausting_memory(tmp_path: Path) -> None:
     out = ingest_bounded(tmp_path, "sessions_bomb.csv.gz", _gzip_bomb())
     assert out["outcome"] == "quarantined" and out["peak_mb"] < PEAK_RSS_MB, out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ingest.py:read_drop/_read_csv has no bound on the number of columns: a header of "
-    "1,000,000 columns makes Polars run out of memory and abort the process",
-)
 def test_a_million_column_header_is_quarantined(tmp_path: Path) -> None:
     n = 1_000_000
     header = "session_id,tutor_id,scheduled_time,status," + ",".join(f"c{i}" for i in range(n))
@@ -549,12 +512,6 @@ def test_symlinks_out_of_the_landing_folder_are_quarantined_never_read(home: Set
         assert f.moved_to is not None and f.moved_to.is_symlink()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ingest.py:_quarantine (and _duplicate, write_safe_csv's .tmp) open sidecar paths "
-    "with a plain write that follows a symbolic link planted in quarantine/ (under the "
-    "writable landing folder), overwriting a file outside it",
-)
 def test_a_link_planted_where_a_sidecar_goes_is_not_followed(home: Settings) -> None:
     landing = home.landing_dir
     landing.mkdir(parents=True)
