@@ -83,10 +83,13 @@ def assess(
     params: AssessParams,
     *,
     offset: timedelta = timedelta(0),
+    with_drivers: bool = True,
 ) -> Assessment:
     """Tiers, drivers and actions for ``scores``, the snapshots as of the end of each day
     ``first_day..last_day`` (days starting ``offset`` after midnight UTC), from the warehouse's
-    sessions. A scored tutor the detector has no row for is ``insufficient_data``."""
+    sessions. A scored tutor the detector has no row for is ``insufficient_data``. Without
+    ``with_drivers`` only the tiers and their evidence are judged (``top_drivers`` and
+    ``recommended_action`` stay empty): drivers cost more than tiers over a long history."""
     tiers = risk_tiers_for_days(
         con,
         first_day,
@@ -105,7 +108,7 @@ def assess(
     )
     flagged = tiers.filter(pl.col("risk_tier").is_in(FLAGGED_TIERS))
     drivers = pl.DataFrame(schema=model_schema(TutorRiskDrivers))
-    if flagged.height:
+    if with_drivers and flagged.height:
         newest = flagged.get_column("as_of").max()
         oldest = flagged.get_column("as_of").min()
         assert isinstance(newest, datetime) and isinstance(oldest, datetime)
@@ -145,6 +148,7 @@ def assess_days(
     params: AssessParams,
     *,
     offset: timedelta = timedelta(0),
+    with_drivers: bool = True,
 ) -> Assessment:
     """Scored and assessed snapshots as of the end of each day ``first_day..last_day``, a
     chunk of days at a time (memory stays flat over a long backfill)."""
@@ -153,7 +157,9 @@ def assess_days(
     while day <= last_day:
         end = min(last_day, day + timedelta(days=CHUNK_DAYS - 1))
         scores = score_snapshots(con, day, end, rule, offset=offset)
-        parts.append(assess(con, scores, day, end, params, offset=offset))
+        parts.append(
+            assess(con, scores, day, end, params, offset=offset, with_drivers=with_drivers)
+        )
         day = end + timedelta(days=1)
     if len(parts) == 1:
         return parts[0]

@@ -97,7 +97,7 @@ def tutor_scores_daily(
     context: dg.AssetExecutionContext, warehouse: WarehouseResource, risk_rule: RiskRuleResource
 ) -> dg.MaterializeResult:
     """Each tutor's scores as of the end of each day (rolling 7/30/90-day rates, Wilson
-    bounds, risk, and the risk tier with its top drivers and action), validated by the
+    bounds, risk, and the risk tier with its evidence), validated by the
     `TutorScores` and `TutorRiskTiers` schemas, in the warehouse table
     `tutor_scores_daily`. A multi-day backfill runs as one vectorized run with the same rows
     as one run per day. The counts come from the warehouse's sessions through the same SQL
@@ -106,8 +106,16 @@ def tutor_scores_daily(
     window = context.partition_time_window
     first_day, last_day = window.start.date(), (window.end - timedelta(days=1)).date()
     with warehouse.connect() as con:
+        # Tiers and their evidence for every day; drivers and actions are the current
+        # snapshot's (tutor_scores_current): over years of history they would cost more than
+        # the scores themselves.
         scores = assess_days(
-            con, first_day, last_day, risk_rule.rule(), risk_rule.assess_params()
+            con,
+            first_day,
+            last_day,
+            risk_rule.rule(),
+            risk_rule.assess_params(),
+            with_drivers=False,
         ).scores
         # Partition D holds the snapshot as of D + 1 day (all of its own rows, nothing else).
         replace_rows(
