@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -95,14 +96,19 @@ def test_planted_answers(con: duckdb.DuckDBPyConnection, labels: Path) -> None:
         assert r["chronic_flagged_share"] == 1.0  # 1 of 2 sessions moved: flagged every day
         assert r["deteriorating_tutors"] == 1
     # S2's two moves in a row: the original flags the 6 days whose 7-day window holds both
-    # (2/7 > 15%); the CUSUM reaches 2 ln 3 and stays above 1.5 for 2 more kept sessions.
+    # (2/7 > 15%). S2 never moved in the 90 days before, so the CUSUM judges the first move
+    # against the floor 2% (ln 20 = 2.996, just below h = 3), the second against 3/110
+    # (ln 14.67): 5.68, and each kept session after them against 4/110 (-0.474): above 3
+    # for 5 more kept sessions, 6 days as well. A tutor who never moves and then moves
+    # twice in a row is exactly what the early warning is for.
     assert got["original"]["steady_false_alarm_days"] == 6
     assert got["min_sessions_5"]["steady_false_alarm_days"] == 6
-    assert got["watch_or_high"]["steady_false_alarm_days"] == 3
+    assert got["watch_or_high"]["steady_false_alarm_days"] == 6
     assert got["high"]["steady_false_alarm_days"] == 0
-    assert got["watch_or_high"]["false_alarms_vs_original"] == 0.5
-    assert got["watch_or_high"]["near_threshold_flagged_share"] == pytest.approx(0.03)
-    # D1: the onset day's move alone is 1/7; the second move flags both rules a day later.
+    assert got["watch_or_high"]["false_alarms_vs_original"] == 1.0
+    assert got["watch_or_high"]["near_threshold_flagged_share"] == pytest.approx(0.06)
+    # D1: the onset day's move alone is 1/7 (and ln 20 < h); the second move flags both rules
+    # a day later.
     assert got["original"]["median_delay_days"] == 1.0
     assert got["watch_or_high"]["median_delay_days"] == 1.0
     assert got["watch_or_high"]["median_delay_vs_original_days"] == 0.0
@@ -110,7 +116,7 @@ def test_planted_answers(con: duckdb.DuckDBPyConnection, labels: Path) -> None:
     # Confirmation takes longer than the early warning.
     high_delay = got["high"]["median_delay_days"]
     assert high_delay is None or float(high_delay) > 1  # type: ignore[arg-type]
-    # The planted set misses the goal's false-alarm ratio (0.5 > 0.25), and says so.
+    # The planted set misses the goal's false-alarm ratio (1.0 > 0.25), and says so.
     assert any("false alarms" in f for f in result.goal_failures())
 
 
@@ -123,7 +129,10 @@ def test_daily_flags_of_the_burst(con: duckdb.DuckDBPyConnection) -> None:
         return [(d - burst).days for d in days]
 
     assert flagged_days("original") == [1, 2, 3, 4, 5, 6]
-    assert flagged_days("watch_or_high") == [1, 2, 3]
+    assert flagged_days("watch_or_high") == [1, 2, 3, 4, 5, 6]
+    statistic = daily.filter(pl.col("day") >= burst).get_column("cusum_statistic").to_list()
+    first, second, kept = math.log(20), math.log(0.4 * 110 / 3), math.log(0.6 / (1 - 4 / 110))
+    assert statistic[:8] == pytest.approx([first] + [first + second + d * kept for d in range(7)])
 
 
 def test_without_labels_and_every_other_day(con: duckdb.DuckDBPyConnection) -> None:
@@ -142,7 +151,7 @@ def test_renderers(con: duckdb.DuckDBPyConnection, labels: Path) -> None:
     assert len(table) == 2 + len(RULES)
     assert table[4].startswith("| watch_or_high |")
     data = json.loads(result.to_json())
-    assert data["start"] == START.isoformat() and data["params"]["cusum_h"] == 1.5
+    assert data["start"] == START.isoformat() and data["params"]["cusum_h"] == 3.0
     assert [r["rule"] for r in data["summary"]] == list(RULES)
     assert data["definitions"]["steady"].endswith("true_reschedule_rate <= 0.12")
 

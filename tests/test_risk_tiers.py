@@ -17,6 +17,7 @@ from tutor_scoring_dagster.risk_tiers import (
     TIER_SCHEMA,
     TierParams,
     as_of_markers,
+    baseline_rate,
     carry_watch_since,
     compute_risk_tiers,
     cusum_weights,
@@ -31,7 +32,22 @@ from tutor_scoring_dagster.risk_tiers import (
 
 T = datetime(2024, 6, 1, tzinfo=UTC)
 P = TierParams()
-W1, W0 = cusum_weights(P.p0, P.p1)  # ln 3 and ln(0.7 / 0.9)
+W1, W0 = cusum_weights(P.p0, P.p1)  # a tutor without history: ln 4 and ln(0.6 / 0.9)
+
+
+def b(k: int, n: int) -> float:
+    """A session's acceptable rate after k moves in n sessions (the defaults by hand)."""
+    return min(max((k + 20 * 0.10) / (n + 20), 0.02), 0.15)
+
+
+def up(k: int, n: int) -> float:
+    """The increment of a moved session after k moves in n sessions."""
+    return math.log(0.40 / b(k, n))
+
+
+def down(k: int, n: int) -> float:
+    """The increment of a kept session after k moves in n sessions."""
+    return math.log(0.60 / (1 - b(k, n)))
 
 
 def events(rows: list[tuple[str, datetime, bool]]) -> pl.DataFrame:
@@ -73,13 +89,30 @@ def statistic(ev: pl.DataFrame, tutor: str, at: datetime = T, **kw: object) -> f
 
 
 def test_cusum_weights_and_neutral_rate() -> None:
-    assert pytest.approx(math.log(3)) == W1
-    assert pytest.approx(math.log(0.7 / 0.9)) == W0
-    # Above ~18.6% the statistic drifts up; steady tutors (<= 12%) drift down.
-    assert neutral_rate(0.10, 0.30) == pytest.approx(-W0 / (W1 - W0))
-    assert 0.12 < neutral_rate(0.10, 0.30) < 0.20
+    assert pytest.approx(math.log(4)) == W1
+    assert pytest.approx(math.log(0.6 / 0.9)) == W0
+    # Against 10% the statistic drifts up above ~22.6%, against a reliable 4% above ~18%.
+    assert neutral_rate(0.10, 0.40) == pytest.approx(-W0 / (W1 - W0))
+    assert 0.12 < neutral_rate(0.10, 0.40) < 0.25
+    assert neutral_rate(0.04, 0.40) < neutral_rate(0.10, 0.40)
+    # One move of a tutor who never moves (judged against p0_min) stays below the limit.
+    assert math.log(P.p1 / P.p0_min) < P.cusum_h
     with pytest.raises(ValueError):
         TierParams(p0=0.3, p1=0.1)
+    with pytest.raises(ValueError):
+        TierParams(p0_max=0.5)  # not below p1
+    with pytest.raises(ValueError):
+        TierParams(watch_level=0.95)  # above level
+
+
+def test_baseline_rate_is_shrunk_and_clipped() -> None:
+    frame = pl.DataFrame({"k": [0, 0, 1, 4, 40], "n": [0, 90, 9, 40, 100]})
+    got = frame.select(baseline_rate(pl.col("k"), pl.col("n"), P)).to_series().to_list()
+    # No history: p0; none moved in 90: the floor; 1 of 9: 3/29; 4 of 40: 6/60; 40%: the cap.
+    assert got == pytest.approx([0.10, 0.02, 3 / 29, 0.10, 0.15])
+    plain = TierParams(baseline_days=0)  # the plain CUSUM: p0 for everyone
+    fixed = frame.with_columns(baseline_rate(pl.col("k"), pl.col("n"), plain).alias("b"))
+    assert fixed.get_column("b").to_list() == [0.10] * 5
 
 
 def test_no_session_in_the_window_is_zero_and_insufficient() -> None:
@@ -95,7 +128,7 @@ def test_no_session_in_the_window_is_zero_and_insufficient() -> None:
     assert row["watch_since"] is None and row["newly_flagged"] is False
 
 
-@pytest.mark.parametrize(("moved", "expected"), [(True, math.log(3)), (False, 0.0)])
+@pytest.mark.parametrize(("moved", "expected"), [(True, math.log(4)), (False, 0.0)])
 def test_one_session(moved: bool, expected: float) -> None:
     ev = events([("A", T - timedelta(hours=1), moved)])
     assert statistic(ev, "A") == pytest.approx(expected)
@@ -108,8 +141,11 @@ def test_step_change_fires_on_the_second_move_and_keeps_its_start() -> None:
     ev = events(daily("A", pattern))
     instants = [T - timedelta(days=k) for k in (3, 2, 1, 0)]
     out = compute_risk_tiers(ev, markers([("A", t) for t in instants]), P).sort("as_of")
-    # Before the step the kept sessions hold the statistic at 0; each move adds ln 3.
-    assert out.get_column("cusum_statistic").to_list() == pytest.approx([0.0, W1, 2 * W1, 3 * W1])
+    # Before the step the kept sessions hold the statistic at 0. The first move is judged
+    # against 2/50 = 4% (ln 10), the second against 3/51 (ln 6.8), the third against 4/52.
+    assert up(0, 30) == pytest.approx(math.log(10))
+    expected = [0.0, math.log(10), math.log(10 * 6.8), math.log(10 * 6.8 * 5.2)]
+    assert out.get_column("cusum_statistic").to_list() == pytest.approx(expected)
     assert out.get_column("risk_tier").to_list()[:2] == ["ok", "ok"]
     assert out.get_column("risk_tier").to_list()[2] in ("watch", "high")
     assert out.get_column("watch_since").to_list()[2:] == [instants[2], instants[2]]
@@ -119,8 +155,13 @@ def test_step_change_fires_on_the_second_move_and_keeps_its_start() -> None:
 def test_statistic_decays_with_kept_sessions_and_reflects_at_zero() -> None:
     ev = events(daily("A", "11" + "000" + "0" * 20))
     values = [statistic(ev, "A", T - timedelta(days=k)) for k in (23, 22, 21, 20, 10)]
-    # After "11": 2 ln 3; then 1, 2, 3 kept; then long after: back to 0, never below.
-    assert values == pytest.approx([2 * W1, 2 * W1 + W0, 2 * W1 + 2 * W0, 2 * W1 + 3 * W0, 0.0])
+    # "11" from no history: ln 4 + ln(0.4 / (3/21)) = ln 11.2; the kept sessions after them
+    # are judged against the cap (4/22, 4/23, 4/24 > 15%): ln(0.6 / 0.85) each; long after:
+    # back to 0, never below.
+    two = math.log(11.2)
+    kept = math.log(0.6 / 0.85)
+    assert up(0, 0) + up(1, 1) == pytest.approx(two)
+    assert values == pytest.approx([two, two + kept, two + 2 * kept, two + 3 * kept, 0.0])
 
 
 def test_a_steady_ten_percent_tutor_never_alarms() -> None:
@@ -128,20 +169,25 @@ def test_a_steady_ten_percent_tutor_never_alarms() -> None:
     ev = events(daily("A", pattern))
     instants = [T - timedelta(days=k) for k in range(60)]
     out = compute_risk_tiers(ev, markers([("A", t) for t in instants]), P)
-    # Each move lifts the statistic to ln 3 < h, nine kept sessions bring it back to 0.
-    assert out.get_column("cusum_statistic").max() == pytest.approx(W1)
+    # Each move lifts the statistic from 0 to ln(0.4 / baseline) < h, nine kept sessions bring
+    # it back to 0; the highest the last 60 days see is the 4th move's (3 of 39 before it).
+    assert out.get_column("cusum_statistic").max() == pytest.approx(up(3, 39))
+    assert up(3, 39) == pytest.approx(math.log(0.4 * 59 / 5))
     assert set(out.get_column("risk_tier").to_list()) <= {"ok", "insufficient_data"}
 
 
 def test_the_horizon_forgets_old_evidence_and_windows_are_half_open() -> None:
     burst = [("A", T - timedelta(days=100) + timedelta(hours=h), True) for h in range(3)]
     assert statistic(events(burst), "A") == 0.0  # older than the 90-day horizon
-    assert statistic(events(burst), "A", cusum_horizon_days=120) == pytest.approx(3 * W1)
+    three = up(0, 0) + up(1, 1) + up(2, 2)  # the third is judged against the cap, 4/22 > 15%
+    assert statistic(events(burst), "A", cusum_horizon_days=120) == pytest.approx(three)
     # A session at T has not happened yet; one at exactly T - 90 days counts.
     edge = events([("A", T, True), ("A", T - timedelta(days=90), True)])
     ev = risk_evidence(edge, markers([("A", T)]), P, windows_days=(7,))
     assert ev.select("sessions", "reschedules", "sessions_7d").row(0) == (1, 1, 0)
     assert ev.get_column("cusum_statistic").item() == pytest.approx(W1)
+    # What a session at T would be judged against: 1 move in the 90 days before T.
+    assert ev.get_column("baseline_rate").item() == pytest.approx(b(1, 1))
 
 
 def test_evidence_matches_a_naive_reference_on_random_data() -> None:
@@ -169,7 +215,10 @@ def test_evidence_matches_a_naive_reference_on_random_data() -> None:
         s = 0.0
         for _, at, moved in mine:  # the textbook recursion, restarted at T - horizon
             if at >= row["as_of"] - timedelta(days=30):
-                s = max(0.0, s + (W1 if moved else W0))
+                # Judged against the tutor's own sessions in the 90 days before this one.
+                before = [r for r in mine if at - timedelta(days=90) <= r[1] < at]
+                k, n = sum(r[2] for r in before), len(before)
+                s = max(0.0, s + (up(k, n) if moved else down(k, n)))
         assert row["cusum_statistic"] == pytest.approx(s, abs=1e-9)
         in90 = [r for r in mine if r[1] >= row["as_of"] - timedelta(days=90)]
         in7 = [r for r in mine if r[1] >= row["as_of"] - timedelta(days=7)]
@@ -231,12 +280,23 @@ def test_prior_by_the_method_of_moments() -> None:
 
 
 def test_tier_precedence() -> None:
-    evidence = counts([(3, 3), (40, 60), (1, 60), (6, 60)]).with_columns(
-        pl.Series("cusum_statistic", [9.0, 9.0, 0.0, 2.0])
+    evidence = counts([(3, 3), (40, 60), (1, 60), (6, 60), (11, 60)]).with_columns(
+        pl.Series("cusum_statistic", [9.0, 9.0, 0.0, 4.0, 0.0])
     )
     tiers = tiers_from_evidence(evidence, P).sort("tutor_id")
-    # Too few sessions beats everything; high beats watch; a CUSUM alarm alone is watch.
-    assert tiers.get_column("risk_tier").to_list() == ["insufficient_data", "high", "ok", "watch"]
+    # Too few sessions beats everything; high beats watch; a CUSUM alarm alone is watch, and
+    # so is a posterior above watch_level (11 of 60) without one.
+    assert tiers.get_column("risk_tier").to_list() == [
+        "insufficient_data",
+        "high",
+        "ok",
+        "watch",
+        "watch",
+    ]
+    last = tiers.row(4, named=True)
+    a, b_ = last["prior_alpha"], last["prior_beta"]
+    assert last["risk_probability"] == pytest.approx(beta_dist.sf(0.15, a + 11, b_ + 49))
+    assert P.watch_level < last["risk_probability"] <= P.level
 
 
 def warehouse() -> duckdb.DuckDBPyConnection:
@@ -272,7 +332,10 @@ def test_tiers_from_the_warehouse() -> None:
     tiers = risk_tiers_for_days(con, date(2024, 5, 21), last, P)
     assert tiers.columns == list(TIER_SCHEMA)
     z = tiers.filter(pl.col("tutor_id") == "Z").sort("as_of")
-    assert z.get_column("cusum_statistic").to_list() == pytest.approx([W1, 2 * W1, 2 * W1 + W0])
+    # Z's moves: against 2/40 (ln 8), then 3/41; the student's move is a kept session for Z.
+    stats = [up(0, 20), up(0, 20) + up(1, 21), up(0, 20) + up(1, 21) + down(2, 22)]
+    assert stats[0] == pytest.approx(math.log(8))
+    assert z.get_column("cusum_statistic").to_list() == pytest.approx(stats)
     assert z.get_column("risk_tier").to_list() == ["ok", "watch", "watch"]
     assert z.get_column("watch_since").to_list()[1:] == [datetime(2024, 5, 23, tzinfo=UTC)] * 2
     assert tiers.filter(pl.col("tutor_id") == "Y").get_column("risk_tier").unique().to_list() == [
@@ -282,7 +345,7 @@ def test_tiers_from_the_warehouse() -> None:
     hourly = risk_tiers_as_of(con, datetime(2024, 5, 23, 10, tzinfo=UTC), P)
     assert hourly.height == 2
     assert hourly.filter(pl.col("tutor_id") == "Z").get_column("cusum_statistic").item() == (
-        pytest.approx(2 * W1)
+        pytest.approx(stats[1])
     )
 
 

@@ -18,7 +18,7 @@ import polars as pl
 import pytest
 
 from tutor_scoring_dagster import warehouse
-from tutor_scoring_dagster.assessment import Assessment
+from tutor_scoring_dagster.assessment import Assessment, AssessParams, reach_days
 from tutor_scoring_dagster.config import Settings
 from tutor_scoring_dagster.defs.partitions import daily_partitions
 from tutor_scoring_dagster.defs.resources import RiskRuleResource, WarehouseResource
@@ -347,7 +347,11 @@ def ingest(home: Settings) -> None:
 
 def evaluate(home: Settings, cursor: str | None) -> dg.SensorResult | dg.SkipReason:
     context = dg.build_sensor_context(
-        cursor=cursor, resources={"warehouse": WarehouseResource(path=str(home.warehouse))}
+        cursor=cursor,
+        resources={
+            "warehouse": WarehouseResource(path=str(home.warehouse)),
+            "risk_rule": RiskRuleResource(),
+        },
     )
     result = late_data_sensor(context)
     assert isinstance(result, dg.SensorResult | dg.SkipReason)
@@ -370,7 +374,10 @@ def test_late_data_sensor_requests_one_range_run_per_late_load(home: Settings) -
     assert first.cursor is not None and int(first.cursor) >= 2
     [request] = first.run_requests or []
     assert request.tags["dagster/asset_partition_range_start"] == "2024-04-10"
-    expected_end = min(last, date(2024, 4, 12) + timedelta(days=LATE_DATA_REACH_DAYS))
+    # The days whose windows, and whose risk tiers (baseline, watch_since), read those days.
+    reach = reach_days(AssessParams())
+    assert reach > LATE_DATA_REACH_DAYS
+    expected_end = min(last, date(2024, 4, 12) + timedelta(days=reach))
     assert request.tags["dagster/asset_partition_range_end"] == expected_end.isoformat()
     assert request.run_key is not None and request.run_key.startswith("late-data:")
 
@@ -385,8 +392,8 @@ def test_late_data_sensor_requests_one_range_run_per_late_load(home: Settings) -
     later = evaluate(home, first.cursor)
     assert isinstance(later, dg.SensorResult)
     assert int(later.cursor or 0) == int(first.cursor) + 2
-    # 2022-12-30 reaches 96 days on; days before the first partition do not exist.
-    reach_end = date(2022, 12, 30) + timedelta(days=LATE_DATA_REACH_DAYS)
+    # 2022-12-30 reaches `reach` days on; days before the first partition do not exist.
+    reach_end = date(2022, 12, 30) + timedelta(days=reach)
     expected = [] if start > reach_end else [max(start, date(2022, 12, 30)).isoformat()]
     starts = [r.tags["dagster/asset_partition_range_start"] for r in later.run_requests or []]
     assert starts == expected

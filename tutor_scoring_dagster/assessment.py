@@ -38,6 +38,7 @@ from tutor_scoring_dagster.schemas import (
 )
 from tutor_scoring_dagster.scoring import (
     CHUNK_DAYS,
+    LATE_DATA_REACH_DAYS,
     RiskRule,
     ScoresInvalid,
     as_utc,
@@ -73,6 +74,13 @@ class Assessment:
 
     scores: pl.DataFrame
     drivers: pl.DataFrame
+
+
+def reach_days(params: AssessParams) -> int:
+    """How many days after a session's day a daily snapshot may still change with it: the
+    score windows' reach, or the tiers' (their lookback, then ``watch_since``'s reach)."""
+    tiers = params.tiers.lookback_days - 1 + WATCH_SINCE_REACH_DAYS
+    return max(LATE_DATA_REACH_DAYS, tiers)
 
 
 def assess(

@@ -100,7 +100,8 @@ class BacktestResults:
     """One row per rule (:data:`SUMMARY_SCHEMA`)."""
     daily: pl.DataFrame = field(repr=False)
     """One row per tutor and snapshot day: ``tutor_id``, ``day``, ``risk_tier``,
-    ``cusum_statistic``, ``risk_probability`` and a boolean column per rule."""
+    ``cusum_statistic``, ``risk_probability``, ``baseline_rate`` and a boolean column per
+    rule."""
     seconds: float = 0.0
 
     def goal_failures(self) -> list[str]:
@@ -202,7 +203,8 @@ def read_labels(path: Path) -> pl.DataFrame:
 
 def snapshot_flags(events: pl.DataFrame, markers: pl.DataFrame, params: TierParams) -> pl.DataFrame:
     """Per marker: ``tutor_id``, ``day`` (the snapshot day whose end is ``as_of``),
-    ``risk_tier``, ``cusum_statistic``, ``risk_probability`` and one boolean per rule."""
+    ``risk_tier``, ``cusum_statistic``, ``risk_probability``, ``baseline_rate`` (the rate the
+    CUSUM judged the tutor against) and one boolean per rule."""
     evidence = risk_evidence(events, markers, params, windows_days=WINDOWS_DAYS)
     tiers = tiers_from_evidence(evidence, params)
     windows = [(pl.col(f"reschedules_{w}d"), pl.col(f"sessions_{w}d")) for w in WINDOWS_DAYS]
@@ -212,6 +214,7 @@ def snapshot_flags(events: pl.DataFrame, markers: pl.DataFrame, params: TierPara
         "risk_tier",
         "cusum_statistic",
         "risk_probability",
+        "baseline_rate",
         high_risk(windows, params.threshold, 1).alias("original"),
         high_risk(windows, params.threshold, 5).alias("min_sessions_5"),
         pl.col("risk_tier").is_in(FLAGGED_TIERS).alias("watch_or_high"),

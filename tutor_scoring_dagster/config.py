@@ -132,6 +132,16 @@ SETTINGS: Final[tuple[Setting, ...]] = (
 )
 
 
+def settings_table() -> str:
+    """The README's configuration table (markdown), generated from :data:`SETTINGS`."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for s in SETTINGS:
+        default = "-" if s.default is None else f"`{s.default}`"
+        default = default.replace("{home}", "$HOME").replace("{landing}", "$LANDING")
+        rows.append(f"| `{s.env}` | {default} | {s.help.replace('|', chr(92) + '|')} |")
+    return "\n".join(rows)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Resolved configuration."""

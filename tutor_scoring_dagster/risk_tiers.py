@@ -1,11 +1,15 @@
 """Risk tiers per tutor and as-of instant: early warning and confirmed risk (issue #11).
 
-``is_high_risk`` (DESIGN.md, "Scores") stays what it is; the tier is extra evidence beside it:
+``is_high_risk`` (DESIGN.md, "Scores") stays what it is; the tier is extra evidence beside it
+(docs/risk-tiers.md has the method, its calibration and its backtest):
 
-- ``watch``: early warning. A Bernoulli CUSUM over the tutor's sessions in scheduled order
-  (``x = 1`` when the tutor moved the session) tuned from an acceptable rate ``p0`` to an
-  unacceptable ``p1``, restarted ``cusum_horizon_days`` before ``T``; it fires when the
-  statistic exceeds ``cusum_h``.
+- ``watch``: early warning. A *self-referenced* Bernoulli CUSUM over the tutor's sessions in
+  scheduled order (``x = 1`` when the tutor moved the session): each session is judged against
+  the tutor's own reschedule rate over the ``baseline_days`` before it (shrunk towards ``p0``,
+  clipped to ``[p0_min, p0_max]``) as the acceptable rate, and against ``p1`` as the rate to
+  detect; the statistic restarts ``cusum_horizon_days`` before ``T`` and fires above
+  ``cusum_h``. A tutor who was reliable needs fewer moves to fire than one who always hovered
+  near the threshold. Also ``watch``: the posterior below exceeds ``watch_level``.
 - ``high``: confirmed risk. The posterior probability that the tutor's true reschedule rate is
   above ``threshold``, under a Beta prior fitted to the whole tutor population at ``T``
   (empirical Bayes), exceeds ``level``: 2 of 3 sessions is weak evidence, 200 of 300 is not.
@@ -15,7 +19,8 @@
 Everything is set-based over any number of tutors and instants at once: each as-of instant is
 a *marker* row ``(tutor_id, as_of)`` merged into the tutor's sorted sessions, cumulative sums run
 over that frame per tutor, and window quantities are rolling aggregates by time over
-``[T - W days, T)`` read at the markers (the contract's windows, exact at any instant).
+``[T - W days, T)`` read at the markers (the contract's windows, exact at any instant). A
+session's baseline is such a window too, read at the session itself.
 """
 
 from __future__ import annotations
@@ -32,11 +37,10 @@ import polars as pl
 from scipy.special import betainc
 
 from tutor_scoring_dagster.paths import load_sql
+from tutor_scoring_dagster.schemas import FLAGGED_TIERS
 from tutor_scoring_dagster.scoring import as_utc, day_offset, day_start, snapshot_day
 from tutor_scoring_dagster.warehouse import query_frame
 
-RISK_TIERS: Final = ("high", "watch", "ok", "insufficient_data")
-FLAGGED_TIERS: Final = ("high", "watch")
 UTC_US: Final[pl.DataType] = pl.Datetime("us", "UTC")
 
 EVENT_SCHEMA: Final[dict[str, pl.DataType]] = {
@@ -67,32 +71,51 @@ TIER_SCHEMA: Final[dict[str, pl.DataType]] = {
 @dataclass(frozen=True)
 class TierParams:
     """How tiers are judged; every default calibrated by simulation (backtest.py on generated
-    data, 2,000 tutors x 1 year): against the original rule, ``watch | high`` raises about a
-    quarter of its false-alarm tutor-days on steady tutors, flags ~93% of deteriorating tutors
-    within 21 days of onset (median ~5 days) and chronic tutors on ~97% of days."""
+    years of 2,000 tutors and ~3,000 sessions a day, docs/risk-tiers.md): against the original
+    rule, ``watch | high`` raises under a fifth of its false-alarm tutor-days on steady tutors,
+    flags ~96% of deteriorating tutors within 21 days of onset (median one day behind the
+    original rule) and chronic tutors on ~98% of days."""
 
     threshold: float = 0.15
     """The contract's risk threshold: the rate the posterior is asked to exceed."""
     level: float = 0.9
     """``high`` when P(true rate > threshold | k, n) exceeds this."""
+    watch_level: float = 0.6
+    """``watch`` (when not ``high``) when P(true rate > threshold | k, n) exceeds this: more
+    likely than not above the threshold, not yet confirmed (keeps tutors who always were
+    unreliable, whom a change detector does not see, on watch)."""
     posterior_window_days: int = 90
     """Days of sessions (k of n) the posterior and ``min_sessions`` read."""
     min_sessions: int = 5
     """Fewer sessions than this in the posterior window: ``insufficient_data``."""
     p0: float = 0.10
-    """CUSUM's acceptable rate: the top of the steady tutors' range."""
-    p1: float = 0.30
-    """CUSUM's rate to detect fast: a typical unreliable tutor's. With ``p0`` the statistic
-    drifts up only above a true rate of 18.6% (:func:`neutral_rate`), so steady tutors at
-    10-12% drift down; each tutor move adds ln 3 = 1.10, each kept session takes 0.25."""
-    cusum_h: float = 1.5
+    """CUSUM reference rate of a tutor without history (the top of the steady tutors' range):
+    the tutor's own baseline is shrunk towards it by ``baseline_sessions`` pseudo-sessions."""
+    p1: float = 0.40
+    """CUSUM's rate to detect fast (an unreliable tutor's). Against a reliable tutor's 4% a move
+    adds ln 10 = 2.30 and a kept session takes 0.47; against a near-threshold tutor's 11% a move
+    adds 1.29 and a kept session takes 0.39."""
+    cusum_h: float = 3.0
     """CUSUM alarm limit (log-likelihood-ratio units): ``watch`` when the statistic exceeds it.
-    1.5 fires on two tutor moves with at most two kept sessions between them, three within ten
-    sessions, four within fifteen; below ln 3 a single move would fire (as noisy as the original
-    rule), and every 0.4 above 1.5 costs about a day of median delay."""
+    Above ln(p1 / p0_min) = ln 20 = 2.996, so a single move never fires: a reliable tutor
+    fires on two moves with at most three kept sessions between them, a near-threshold tutor
+    needs three close together. Each 0.25 above 3 saves ~3 points of the original's false
+    alarms and costs up to a day of median delay on some seeds (docs/risk-tiers.md)."""
     cusum_horizon_days: int = 90
     """The CUSUM only reads sessions in ``[T - horizon, T)``: old evidence expires, and a late
-    session changes no snapshot more than this many days after it."""
+    session changes no snapshot more than ``lookback_days`` days after it."""
+    baseline_days: int = 90
+    """Each session's acceptable rate is the tutor's reschedule rate over the sessions
+    scheduled in this many days before it (0: ``p0`` for every tutor, a plain CUSUM)."""
+    baseline_sessions: float = 20.0
+    """Pseudo-sessions at ``p0`` added to the baseline (shrinkage): a tutor with little history
+    is judged against ~``p0``, one with 135 sessions mostly against its own rate."""
+    p0_min: float = 0.02
+    """Lowest acceptable rate: a tutor who never moves a session is judged against 2%, so one
+    move is not an alarm (see ``cusum_h``)."""
+    p0_max: float = 0.15
+    """Highest acceptable rate (the threshold): a tutor whose own rate is above it is still
+    judged against it, and ``high``/``watch_level`` cover it."""
     min_prior_rho: float = 1e-3
     """Smallest intra-class correlation of the fitted prior (prior strength at most 999)."""
     max_prior_rho: float = 0.5
@@ -104,8 +127,17 @@ class TierParams:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         if not 0 < self.level < 1:
             raise ValueError(f"level must be in (0, 1), got {self.level}")
+        if not 0 < self.watch_level <= self.level:
+            raise ValueError(f"need 0 < watch_level <= level, got {self.watch_level}")
         if not 0 < self.p0 < self.p1 < 1:
             raise ValueError(f"need 0 < p0 < p1 < 1, got p0={self.p0}, p1={self.p1}")
+        if not 0 < self.p0_min <= self.p0 <= self.p0_max < self.p1:
+            raise ValueError(
+                f"need 0 < p0_min <= p0 <= p0_max < p1, got p0_min={self.p0_min}, "
+                f"p0={self.p0}, p0_max={self.p0_max}, p1={self.p1}"
+            )
+        if self.baseline_days < 0 or self.baseline_sessions < 0:
+            raise ValueError("baseline_days and baseline_sessions must be >= 0")
         if self.cusum_h <= 0:
             raise ValueError(f"cusum_h must be positive, got {self.cusum_h}")
         if self.posterior_window_days < 1 or self.cusum_horizon_days < 1:
@@ -117,8 +149,9 @@ class TierParams:
 
     @property
     def lookback_days(self) -> int:
-        """Days of sessions before an instant that its tier reads."""
-        return max(self.posterior_window_days, self.cusum_horizon_days)
+        """Days of sessions before an instant that its tier reads (the CUSUM's sessions and
+        their baselines)."""
+        return max(self.posterior_window_days, self.cusum_horizon_days + self.baseline_days)
 
     def as_dict(self) -> dict[str, float | int]:
         """The parameters by name (to keep beside results)."""
@@ -129,6 +162,18 @@ def cusum_weights(p0: float, p1: float) -> tuple[float, float]:
     """The CUSUM increments ``(w1, w0)`` for a moved and a kept session: the log-likelihood
     ratio of rate ``p1`` against ``p0``."""
     return math.log(p1 / p0), math.log((1 - p1) / (1 - p0))
+
+
+def baseline_rate(moved: pl.Expr, sessions: pl.Expr, params: TierParams) -> pl.Expr:
+    """The acceptable rate from ``moved`` of ``sessions`` in the baseline window: shrunk
+    towards ``p0`` by ``baseline_sessions`` pseudo-sessions, clipped to ``[p0_min, p0_max]``;
+    ``p0`` itself when ``baseline_days`` is 0."""
+    if params.baseline_days == 0:
+        return pl.lit(params.p0, dtype=pl.Float64)
+    m = params.baseline_sessions
+    shrunk = (moved.cast(pl.Float64) + m * params.p0) / (sessions.cast(pl.Float64) + m)
+    # No history and no pseudo-sessions: 0 / 0 is p0.
+    return shrunk.fill_nan(params.p0).clip(params.p0_min, params.p0_max)
 
 
 def neutral_rate(p0: float, p1: float) -> float:
@@ -237,27 +282,36 @@ def risk_evidence(
     windows_days: Sequence[int] = (),
 ) -> pl.DataFrame:
     """Per marker ``(tutor_id, as_of)``: ``sessions``/``reschedules`` in the posterior window,
-    ``sessions_{W}d``/``reschedules_{W}d`` for each extra window, and ``cusum_statistic``.
+    ``sessions_{W}d``/``reschedules_{W}d`` for each extra window, ``baseline_rate`` (the
+    acceptable rate a session at ``T`` would be judged against) and ``cusum_statistic``.
 
-    The CUSUM restarted at ``T - horizon`` is ``C(T) - min(C(T - horizon), min of C over the
-    window's sessions)`` for the running sum ``C`` of increments, i.e. the larger of the
-    window's total increment and ``C(T)`` minus the window's lowest ``C``.
+    Each session ``j`` gets the increment ``ln(p1 / b_j)`` when moved by the tutor and
+    ``ln((1 - p1) / (1 - b_j))`` when not, ``b_j`` being :func:`baseline_rate` over the
+    tutor's sessions in ``[t_j - baseline_days, t_j)``. The CUSUM restarted at ``T -
+    horizon`` is ``C(T) - min(C(T - horizon), min of C over the window's sessions)`` for the
+    running sum ``C`` of increments, i.e. the larger of the window's total increment and
+    ``C(T)`` minus the window's lowest ``C``: the textbook recursion ``S = max(0, S + w)``
+    as cumulative sums and rolling minima per tutor.
     """
-    w1, w0 = cusum_weights(params.p0, params.p1)
+    p1 = params.p1
     moved = pl.col("moved_by_tutor").cast(pl.Int64)
-    merged = merge_markers(
-        events,
-        markers,
-        {
-            "x": moved,
-            "n": pl.lit(1, dtype=pl.Int64),
-            "w": pl.when(pl.col("moved_by_tutor")).then(pl.lit(w1)).otherwise(pl.lit(w0)),
-        },
+    merged = merge_markers(events, markers, {"x": moved, "n": pl.lit(1, dtype=pl.Int64)})
+    baseline = baseline_rate(
+        window_sum("x", params.baseline_days), window_sum("n", params.baseline_days), params
+    )
+    increment = (
+        pl.when(pl.col("is_marker"))
+        .then(pl.lit(0.0))
+        .when(pl.col("x") == 1)
+        .then((p1 / pl.col("baseline_rate")).log())
+        .otherwise(((1 - p1) / (1 - pl.col("baseline_rate"))).log())
     )
     horizon = timedelta(days=params.cusum_horizon_days)
     windows = sorted({params.posterior_window_days, *windows_days})
     evidence = (
-        merged.with_columns(pl.col("w").fill_null(0.0).cum_sum().over("tutor_id").alias("c"))
+        merged.with_columns(baseline.alias("baseline_rate"))
+        .with_columns(increment.alias("w"))
+        .with_columns(pl.col("w").cum_sum().over("tutor_id").alias("c"))
         .with_columns(
             # Markers are not sessions: they never set the window's minimum.
             pl.when(~pl.col("is_marker"))
@@ -277,6 +331,7 @@ def risk_evidence(
             pl.col(f"reschedules_{params.posterior_window_days}d").alias("reschedules"),
             *(pl.col(f"sessions_{d}d") for d in windows_days),
             *(pl.col(f"reschedules_{d}d") for d in windows_days),
+            "baseline_rate",
             # max_horizontal skips the null minimum of an empty window (statistic 0).
             pl.max_horizontal("w_sum", pl.col("c") - pl.col("c_min"))
             .clip(lower_bound=0.0)
@@ -380,7 +435,10 @@ def tiers_from_evidence(evidence: pl.DataFrame, params: TierParams) -> pl.DataFr
         .then(pl.lit("insufficient_data"))
         .when(pl.col("risk_probability") > params.level)
         .then(pl.lit("high"))
-        .when(pl.col("cusum_statistic") > params.cusum_h)
+        .when(
+            (pl.col("cusum_statistic") > params.cusum_h)
+            | (pl.col("risk_probability") > params.watch_level)
+        )
         .then(pl.lit("watch"))
         .otherwise(pl.lit("ok"))
     )

@@ -553,18 +553,23 @@ def read_new_loads(con: duckdb.DuckDBPyConnection, after_load_id: int) -> pl.Dat
 
 
 def affected_day_ranges(
-    loads: pl.DataFrame, *, first_day: date, last_day: date
+    loads: pl.DataFrame,
+    *,
+    first_day: date,
+    last_day: date,
+    reach_days: int = LATE_DATA_REACH_DAYS,
 ) -> list[tuple[date, date]]:
     """Daily partitions to recompute after ``loads`` (``min_scheduled_time``,
-    ``max_scheduled_time``): each touched day and the :data:`LATE_DATA_REACH_DAYS` days whose
-    windows include it, clipped to ``first_day..last_day``, overlapping ranges merged."""
+    ``max_scheduled_time``): each touched day and the ``reach_days`` days after it whose
+    snapshots read it (:data:`LATE_DATA_REACH_DAYS` for the scores' windows), clipped to
+    ``first_day..last_day``, overlapping ranges merged."""
     spans = (
         loads.drop_nulls(["min_scheduled_time", "max_scheduled_time"])
         .select(
             pl.col("min_scheduled_time").dt.convert_time_zone("UTC").dt.date().alias("start"),
             (
                 pl.col("max_scheduled_time").dt.convert_time_zone("UTC").dt.date()
-                + pl.duration(days=LATE_DATA_REACH_DAYS)
+                + pl.duration(days=reach_days)
             ).alias("end"),
         )
         .with_columns(

@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 import polars as pl
 
-from tutor_scoring_dagster.assessment import assess_as_of, assess_days
+from tutor_scoring_dagster.assessment import AssessParams, assess_as_of, assess_days, reach_days
 from tutor_scoring_dagster.defs.ingest.assets import landing_drops
 from tutor_scoring_dagster.defs.partitions import daily_partitions
 from tutor_scoring_dagster.defs.resources import RiskRuleResource, WarehouseResource
@@ -84,10 +84,12 @@ def tutor_daily_activity(
     deps=[
         dg.AssetDep(
             tutor_daily_activity,
-            # A day's windows read the 90 days (and the trend 7 more) before it, so a change to
-            # one day's activity makes the following days' snapshots stale too.
+            # A day's windows read the 90 days (and the trend 7 more) before it, and its risk
+            # tier (default parameters) its baseline's days, so a change to one day's activity
+            # makes the following days' snapshots stale too.
             partition_mapping=dg.TimeWindowPartitionMapping(
-                start_offset=-LOOKBACK_DAYS, allow_nonexistent_upstream_partitions=True
+                start_offset=-max(LOOKBACK_DAYS, reach_days(AssessParams()) + 1),
+                allow_nonexistent_upstream_partitions=True,
             ),
         )
     ],

@@ -5,9 +5,10 @@ from datetime import date
 import dagster as dg
 import duckdb
 
+from tutor_scoring_dagster.assessment import reach_days
 from tutor_scoring_dagster.defs.partitions import daily_partitions
 from tutor_scoring_dagster.defs.publish.assets import tutor_score_history
-from tutor_scoring_dagster.defs.resources import WarehouseResource
+from tutor_scoring_dagster.defs.resources import RiskRuleResource, WarehouseResource
 from tutor_scoring_dagster.defs.scores.assets import tutor_daily_activity, tutor_scores_daily
 from tutor_scoring_dagster.scoring import LATE_DATA_REACH_DAYS, affected_day_ranges, read_new_loads
 from tutor_scoring_dagster.warehouse import WarehouseLockedError, connect
@@ -22,12 +23,13 @@ LATE_DATA_ASSETS = [tutor_daily_activity, tutor_scores_daily, tutor_score_histor
     default_status=dg.DefaultSensorStatus.RUNNING,
     description=(
         "Reads new loaded_files rows and, for the days their sessions were scheduled on (and "
-        f"the {LATE_DATA_REACH_DAYS} days whose windows include them), requests one range run "
-        "of the daily assets. Cursor: the last load id seen."
+        f"the days after them whose snapshots read them: {LATE_DATA_REACH_DAYS} for the score "
+        "windows, more for the risk tiers' baseline), requests one range run of the daily "
+        "assets. Cursor: the last load id seen."
     ),
 )
 def late_data_sensor(
-    context: dg.SensorEvaluationContext, warehouse: WarehouseResource
+    context: dg.SensorEvaluationContext, warehouse: WarehouseResource, risk_rule: RiskRuleResource
 ) -> dg.SensorResult | dg.SkipReason:
     """Recompute the daily partitions a load touched (the days before today that its rows'
     scheduled times fall on, and the days after them whose windows read those days)."""
@@ -51,6 +53,7 @@ def late_data_sensor(
             loads,
             first_day=daily_partitions.start.date(),
             last_day=date.fromisoformat(last_key),
+            reach_days=reach_days(risk_rule.assess_params()),
         )
         if last_key is not None
         else []
