@@ -7,7 +7,6 @@ import json
 import logging
 import pickle
 import socket
-import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -16,7 +15,6 @@ from email import message_from_bytes
 from email.message import EmailMessage
 from email.policy import default as default_policy
 from email.utils import formatdate
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,6 +22,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
+from fakes import FakeSendGrid, Reply, fake_sendgrid
 
 from tutor_scoring_dagster.delivery import (
     KEY_HEADER,
@@ -274,61 +273,10 @@ def test_smtp_connection_refused_is_retryable() -> None:
 # --- SendGrid -------------------------------------------------------------------------------
 
 
-@dataclass
-class FakeSendGrid:
-    """Answers POSTs from a script of (status, headers, body); 202 once the script runs out."""
-
-    url: str = ""
-    script: list[tuple[int, dict[str, str], bytes]] = field(default_factory=list)
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    hang: bool = False
-    release: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def delivered(self) -> int:
-        return sum(1 for r in self.requests if r["status"] == 202)
-
-
 @pytest.fixture
 def sendgrid() -> Iterator[FakeSendGrid]:
-    fake = FakeSendGrid()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            record: dict[str, Any] = {
-                "path": self.path,
-                "authorization": self.headers["Authorization"],
-                "json": json.loads(body),
-            }
-            fake.requests.append(record)
-            if fake.hang:
-                fake.release.wait(5)
-                return
-            status, headers, payload = fake.script.pop(0) if fake.script else (202, {}, b"")
-            record["status"] = status
-            self.send_response(status)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
+    with fake_sendgrid(message_ids=False) as fake:
         yield fake
-    finally:
-        fake.release.set()
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def errors(message: str) -> bytes:
@@ -339,13 +287,13 @@ def test_sendgrid_posts_the_v3_mail_send_body(
     sendgrid: FakeSendGrid, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)  # python_http_client logs request headers at DEBUG
-    sendgrid.script.append((202, {"X-Message-Id": "sg-abc123"}, b""))
+    sendgrid.script.append(Reply(202, {"X-Message-Id": "sg-abc123"}))
     email = make_email()
     assert SendGridSender(API_KEY, host=sendgrid.url).send(email) == "sg-abc123"
 
     [request] = sendgrid.requests
     assert request["path"] == "/v3/mail/send"
-    assert request["authorization"] == f"Bearer {API_KEY}"
+    assert request["auth"] == f"Bearer {API_KEY}"
     body = request["json"]
     assert body["from"] == {"name": "Tutor Scoring", "email": "reports@example.com"}
     assert body["subject"] == email.subject
@@ -366,20 +314,20 @@ def test_sendgrid_without_message_id_header_returns_empty(sendgrid: FakeSendGrid
 
 
 def test_sendgrid_429_honours_retry_after(sendgrid: FakeSendGrid) -> None:
-    sendgrid.script.append((429, {"Retry-After": "2"}, errors("too many requests")))
-    sendgrid.script.append((202, {"X-Message-Id": "sg-2"}, b""))
+    sendgrid.script.append(Reply(429, {"Retry-After": "2"}, errors("too many requests")))
+    sendgrid.script.append(Reply(202, {"X-Message-Id": "sg-2"}))
     delays: list[float] = []
     sender = SendGridSender(API_KEY, host=sendgrid.url)
     result = send_with_retries(sender, make_email(), base_delay_s=0.01, sleep=delays.append)
     assert result == "sg-2"
     assert delays == [2.0]
     assert len(sendgrid.requests) == 2
-    assert sendgrid.delivered == 1
+    assert sendgrid.accepted().total() == 1
 
 
 def test_sendgrid_retry_after_as_http_date(sendgrid: FakeSendGrid) -> None:
     later = formatdate(time.time() + 20, usegmt=True)
-    sendgrid.script.append((429, {"Retry-After": later}, b""))
+    sendgrid.script.append(Reply(429, {"Retry-After": later}, b""))
     with pytest.raises(DeliveryError) as caught:
         SendGridSender(API_KEY, host=sendgrid.url).send(make_email())
     assert caught.value.retryable
@@ -388,18 +336,18 @@ def test_sendgrid_retry_after_as_http_date(sendgrid: FakeSendGrid) -> None:
 
 
 def test_sendgrid_500_then_202_backs_off_once(sendgrid: FakeSendGrid) -> None:
-    sendgrid.script.append((500, {}, errors("internal error")))
+    sendgrid.script.append(Reply(500, {}, errors("internal error")))
     delays: list[float] = []
     sender = SendGridSender(API_KEY, host=sendgrid.url)
     send_with_retries(sender, make_email(), base_delay_s=0.25, sleep=delays.append)
     assert delays == [0.25]
     assert len(sendgrid.requests) == 2
-    assert sendgrid.delivered == 1
+    assert sendgrid.accepted().total() == 1
 
 
 def test_sendgrid_401_fails_at_once_without_leaking_the_key(sendgrid: FakeSendGrid) -> None:
     # A server echoing the key must not get it into our error either.
-    sendgrid.script.append((401, {"WWW-Authenticate": API_KEY}, errors(f"bad key {API_KEY}")))
+    sendgrid.script.append(Reply(401, {"WWW-Authenticate": API_KEY}, errors(f"bad key {API_KEY}")))
     delays: list[float] = []
     sender = SendGridSender(API_KEY, host=sendgrid.url)
     with pytest.raises(DeliveryError) as caught:
@@ -420,7 +368,7 @@ def test_sendgrid_401_fails_at_once_without_leaking_the_key(sendgrid: FakeSendGr
     [(400, False), (403, False), (404, False), (413, False), (502, True), (503, True)],
 )
 def test_sendgrid_status_mapping(sendgrid: FakeSendGrid, status: int, retryable: bool) -> None:
-    sendgrid.script.append((status, {}, errors("nope")))
+    sendgrid.script.append(Reply(status, {}, errors("nope")))
     with pytest.raises(DeliveryError) as caught:
         SendGridSender(API_KEY, host=sendgrid.url).send(make_email())
     assert caught.value.retryable is retryable

@@ -5,7 +5,6 @@ is unknown is resent with the same Message-ID."""
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -16,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from email.message import EmailMessage
 from email.policy import default as default_policy
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,6 +24,7 @@ import sqlalchemy as sa
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import Envelope, Session
+from fakes import FakeSendGrid, Reply, fake_sendgrid
 from test_reports import T, build_scenario, publish_only
 
 from tutor_scoring_dagster import warehouse
@@ -233,68 +232,10 @@ def test_an_unknown_outcome_is_resent_with_the_same_message_id(
 # --- SendGrid ------------------------------------------------------------------------------
 
 
-@dataclass
-class FakeSendGrid:
-    """Answers POST /v3/mail/send from a script of (status, headers); 202 once it runs out."""
-
-    url: str = ""
-    script: list[tuple[int, dict[str, str]]] = field(default_factory=list)
-    requests: list[dict[str, Any]] = field(default_factory=list)
-
-    def delivered(self) -> list[str]:
-        return sorted(
-            r["json"]["custom_args"][SENDGRID_CUSTOM_ARG]
-            for r in self.requests
-            if r["status"] == 202
-        )
-
-
 @pytest.fixture
 def sendgrid() -> Iterator[FakeSendGrid]:
-    fake = FakeSendGrid()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            status, headers = fake.script.pop(0) if fake.script else (202, {})
-            fake.requests.append(
-                {
-                    "path": self.path,
-                    "auth": self.headers["Authorization"],
-                    "json": body,
-                    "status": status,
-                }
-            )
-            payload = (
-                b""
-                if status == 202
-                else json.dumps(
-                    {"errors": [{"message": f"status {status}", "field": None}]}
-                ).encode()
-            )
-            self.send_response(status)
-            if status == 202:
-                self.send_header("X-Message-Id", f"sg-{len(fake.requests)}")
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
+    with fake_sendgrid() as fake:
         yield fake
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def test_sendgrid_throttling_errors_and_bad_key_then_each_message_once(
@@ -302,15 +243,15 @@ def test_sendgrid_throttling_errors_and_bad_key_then_each_message_once(
 ) -> None:
     sender = SendGridSender(API_KEY, host=sendgrid.url, timeout=5)
     now = datetime.now(UTC)
-    sendgrid.script += [(429, {"Retry-After": "3"}), (202, {})]  # the alert, throttled once
-    sendgrid.script += [(500, {}), (500, {}), (500, {})]  # the digest, three times
+    sendgrid.script += [Reply(429, {"Retry-After": "3"}), Reply(202)]  # the alert, throttled once
+    sendgrid.script += [Reply(500), Reply(500), Reply(500)]  # the digest, three times
     sleeps: list[float] = []
     first = tick(store, home, sender, now, sleeps=sleeps)
     assert first.sent == [ALERT] and list(first.failed) == [DIGEST]
     assert sleeps == [3.0, 1.0, 2.0]  # Retry-After honoured, then exponential backoff
     assert "HTTP 500" in first.failed[DIGEST]
 
-    sendgrid.script.append((401, {}))
+    sendgrid.script.append(Reply(401))
     second = tick(store, home, sender, now + timedelta(minutes=5))
     assert list(second.failed) == [DIGEST] and "SENDGRID_API_KEY" in second.failed[DIGEST]
     assert len(sendgrid.requests) == 6  # a 401 is not retried within the run
@@ -320,7 +261,7 @@ def test_sendgrid_throttling_errors_and_bad_key_then_each_message_once(
 
     third = tick(store, home, sender, now + timedelta(minutes=15))
     assert third.sent == [DIGEST]
-    assert sendgrid.delivered() == [ALERT, DIGEST]  # each accepted exactly once
+    assert sorted(sendgrid.accepted().elements()) == [ALERT, DIGEST]  # each accepted exactly once
     for request in sendgrid.requests:
         assert request["path"] == "/v3/mail/send" and request["auth"] == f"Bearer {API_KEY}"
         key = request["json"]["custom_args"][SENDGRID_CUSTOM_ARG]

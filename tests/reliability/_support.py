@@ -6,27 +6,26 @@ from __future__ import annotations
 
 import email
 import email.policy
-import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, date, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import fakes
 import polars as pl
 import sqlalchemy as sa
+from fakes import FakeSendGrid as FakeSendGrid  # re-exported (as-aliases): the tests
+from fakes import Reply as Reply  # import them from here, with fake_sendgrid below
 
 from tutor_scoring_dagster.config import Settings, load_settings
-from tutor_scoring_dagster.delivery import KEY_HEADER, SENDGRID_CUSTOM_ARG
+from tutor_scoring_dagster.delivery import KEY_HEADER
 from tutor_scoring_dagster.generate import generate_drops
 
 T = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -319,87 +318,10 @@ def frame_rows(path: Path) -> int:
     return frame.filter(~pl.all_horizontal(pl.all().is_null())).height
 
 
-@dataclass
-class Reply:
-    """One scripted answer of the fake SendGrid: a status, extra headers, and a delay before
-    answering (longer than the client's timeout: the client gives up, nothing is accepted)."""
-
-    status: int = 202
-    headers: dict[str, str] = field(default_factory=dict)
-    delay: float = 0.0
-
-
-@dataclass
-class FakeSendGrid:
-    """A local HTTP server speaking SendGrid's v3 ``/mail/send`` to the real client: answers
-    from ``script`` in order (202 once it runs out). Error bodies echo the request's
-    Authorization header, as some proxies and providers do, to catch a leaked key."""
-
-    url: str = ""
-    script: list[Reply] = field(default_factory=list)
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def accepted(self) -> Counter:
-        """Messages accepted (202 sent back in time), per idempotency key."""
-        return Counter(r["key"] for r in self.requests if r["status"] == 202 and r["answered"])
-
-    def attempts(self) -> Counter:
-        return Counter(r["key"] for r in self.requests)
-
-
-@contextmanager
-def fake_sendgrid() -> Iterator[FakeSendGrid]:
-    fake = FakeSendGrid()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            with fake.lock:
-                reply = fake.script.pop(0) if fake.script else Reply()
-                record = {
-                    "auth": self.headers["Authorization"],
-                    "key": json.loads(body)["custom_args"][SENDGRID_CUSTOM_ARG],
-                    "body": body.decode(),
-                    "status": reply.status,
-                    "answered": False,
-                }
-                fake.requests.append(record)
-            time.sleep(reply.delay)
-            payload = (
-                b""
-                if reply.status == 202
-                else json.dumps(
-                    {"errors": [{"message": f"status {reply.status} for {record['auth']}"}]}
-                ).encode()
-            )
-            try:
-                self.send_response(reply.status)
-                self.send_header("X-Message-Id", f"sg-{len(fake.requests)}")
-                for name, value in reply.headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-                self.wfile.flush()
-                record["answered"] = reply.delay == 0
-            except OSError:  # the client gave up (timed out) and closed the connection
-                pass
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
-        yield fake
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+def fake_sendgrid() -> AbstractContextManager[FakeSendGrid]:
+    """The fake SendGrid v3 ``/mail/send`` of tests/fakes.py, its error bodies echoing the
+    request's Authorization header, as some proxies and providers do, to catch a leaked key."""
+    return fakes.fake_sendgrid(echo_auth=True)
 
 
 _REAL_TIME, _REAL_SLEEP = time.time, time.sleep
