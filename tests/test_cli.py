@@ -36,8 +36,15 @@ def test_tutors_lists_filters_sorts_and_pages(scored: Settings) -> None:
     table = cli(scored, "tutors")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].split()[:3] == ["tutor", "name", "risk"]
+    assert lines[0].split()[:4] == ["tutor", "name", "risk", "tier"]
     assert lines[-1] == "(1-4 of 4 tutors)"
+
+    everyone = [json.loads(x) for x in cli(scored, "tutors", "--json").stdout.splitlines()]
+    for tier in {r["risk_tier"] for r in everyone}:
+        listed = cli(scored, "tutors", "--tier", tier, "--json").stdout.splitlines()
+        assert {json.loads(x)["tutor_id"] for x in listed} == {
+            r["tutor_id"] for r in everyone if r["risk_tier"] == tier
+        }
 
     high = cli(scored, "tutors", "--risk", "high", "--json")
     rows = [json.loads(line) for line in high.stdout.splitlines()]
@@ -91,6 +98,11 @@ def test_tutor_shows_scores_statistics_trend_and_reschedules(scored: Settings) -
     out = done.stdout
     assert out.startswith("Ana <b>Bold</b> (A)")
     assert "risk: high" in out
+    as_json = json.loads(cli(scored, "tutor", "A", "--json").stdout)
+    tier = as_json["scores"]["risk_tier"]
+    assert f"tier: {tier.replace('_', ' ')}" in out
+    if tier in ("high", "watch"):
+        assert f"action: {as_json['scores']['recommended_action']}" in out
     assert "30d: reschedules 2/6 = 33.3%" in out
     assert "reschedules in the last 90 days:" in out and "tutor" in out
 

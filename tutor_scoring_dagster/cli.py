@@ -399,6 +399,19 @@ def cmd_tutor(args: argparse.Namespace) -> int:
             f"  risk: {s['risk_status']}  (threshold {s['risk_threshold']:.0%}, "
             f"min {s['min_sessions']} sessions, as of {_json_default(s['as_of'])})"
         )
+        tier = s.get("risk_tier") or "-"
+        if tier in ("high", "watch"):
+            from tutor_scoring_dagster.assessment import flagged_since
+
+            print(
+                f"  tier: {tier} {flagged_since(s)}, P(rate > threshold) "
+                f"{_cell('x_rate_', s.get('risk_probability'))}"
+                + (", newly flagged" if s.get("newly_flagged") else "")
+            )
+            print(f"    why: {s.get('top_drivers') or '-'}")
+            print(f"    action: {s.get('recommended_action') or '-'}")
+        else:
+            print(f"  tier: {tier.replace('_', ' ')}")
         for w in (7, 30, 90):
             print(
                 f"  {w:>2}d: reschedules {s[f'tutor_reschedules_{w}d']}/"
