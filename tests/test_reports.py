@@ -17,7 +17,7 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 
-from tutor_scoring_dagster.config import Settings
+from tutor_scoring_dagster.config import SETTINGS, Settings
 from tutor_scoring_dagster.defs.ingest.assets import landing_drops
 from tutor_scoring_dagster.defs.jobs import run_pipeline
 from tutor_scoring_dagster.defs.publish.assets import tutor_scores
@@ -461,6 +461,17 @@ def test_digest_when_nothing_new_is_configurable(home: Settings, engine: sa.Engi
         engine, now=now, settings=ReportSettings.from_env({"DIGEST_WHEN_NOTHING_NEW": "true"})
     )
     assert chatty.keys == ["digest:2026-03-01T13:00Z"]
+
+
+def test_report_settings_default_to_the_settings_table() -> None:
+    """One source of defaults: config.SETTINGS (which the README's table is made from)."""
+    defaults = {s.env: s.default for s in SETTINGS}
+    d = ReportSettings()
+    assert ReportSettings.from_env({}) == d
+    assert d.digest_max_rows == int(defaults["DIGEST_MAX_ROWS"] or 0)
+    assert d.max_attempts == int(defaults["EMAIL_MAX_ATTEMPTS"] or 0)
+    assert d.pending_lease == timedelta(minutes=int(defaults["EMAIL_PENDING_LEASE_MINUTES"] or 0))
+    assert d.tutor_alerts is (defaults["TUTOR_ALERTS"] == "true")
 
 
 def test_report_settings_from_env() -> None:

@@ -132,6 +132,14 @@ SETTINGS: Final[tuple[Setting, ...]] = (
 )
 
 
+def setting_default(env: str) -> str:
+    """The default of the setting named ``env`` (for a module that reads its own settings)."""
+    for s in SETTINGS:
+        if s.env == env and s.default is not None:
+            return s.default
+    raise KeyError(f"no setting {env} with a default")
+
+
 def settings_table() -> str:
     """The README's configuration table (markdown), generated from :data:`SETTINGS`."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
@@ -190,7 +198,8 @@ def _tuned(cls: type, prefix: str, raw: Mapping[str, str | None]) -> Any:
         raise ValueError(f"bad {prefix}* setting: {exc}") from None
 
 
-def _truthy(value: str) -> bool:
+def is_truthy(value: str) -> bool:
+    """Whether a setting's text means yes (1, true, t, yes, on)."""
     return value.strip().lower() in {"1", "true", "t", "yes", "on"}
 
 
@@ -250,7 +259,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         smtp_port=smtp_port,
         smtp_username=raw["SMTP_USERNAME"],
         smtp_password=raw["SMTP_PASSWORD"],
-        smtp_starttls=_truthy(text("SMTP_STARTTLS")),
+        smtp_starttls=is_truthy(text("SMTP_STARTTLS")),
         sendgrid_api_key=raw["SENDGRID_API_KEY"],
         sendgrid_host=text("SENDGRID_HOST"),
         assess=assess,

@@ -39,6 +39,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from tutor_scoring_dagster.assessment import flagged_since
+from tutor_scoring_dagster.config import is_truthy, setting_default
 from tutor_scoring_dagster.delivery import (
     DeliveryError,
     EmailSender,
@@ -69,13 +70,14 @@ TREND_DAYS_ALERT: Final = 56
 TREND_DAYS_DIGEST: Final = 28
 CHART_HEIGHT_PX: Final = 40
 QUARANTINE_LISTED: Final = 20
+TRUE_WORDS: Final = frozenset({"1", "true", "t", "yes", "on"})
 
 
 def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     value = env.get(name, "").strip().lower()
     if not value:
         return default
-    if value in {"1", "true", "t", "yes", "on"}:
+    if value in TRUE_WORDS:
         return True
     if value in {"0", "false", "f", "no", "off"}:
         return False
@@ -100,22 +102,27 @@ class ReportSettings:
     """What reports are sent, and how hard delivery tries (environment variables in
     :meth:`from_env`)."""
 
-    digest_when_nothing_new: bool = False
+    # Defaults are config.SETTINGS's, the one table of settings (and of the README's).
+    digest_when_nothing_new: bool = is_truthy(setting_default("DIGEST_WHEN_NOTHING_NEW"))
     """DIGEST_WHEN_NOTHING_NEW: send a digest for every new snapshot, even with no news."""
-    tutor_alerts: bool = True
+    tutor_alerts: bool = is_truthy(setting_default("TUTOR_ALERTS"))
     """TUTOR_ALERTS: an alert per tutor who newly crosses the risk rule."""
-    per_session_reports: bool = False
+    per_session_reports: bool = is_truthy(setting_default("PER_SESSION_REPORTS"))
     """PER_SESSION_REPORTS: batched reports of every session processed (the old system's)."""
-    session_batch_size: int = 200
+    session_batch_size: int = int(setting_default("SESSION_REPORT_BATCH_SIZE"))
     """SESSION_REPORT_BATCH_SIZE: sessions per session-report message, about."""
-    digest_max_rows: int = 50
+    digest_max_rows: int = int(setting_default("DIGEST_MAX_ROWS"))
     """DIGEST_MAX_ROWS: tutors listed per digest section (the rest are counted)."""
-    max_attempts: int = ledger.DEFAULT_MAX_ATTEMPTS
+    max_attempts: int = int(setting_default("EMAIL_MAX_ATTEMPTS"))
     """EMAIL_MAX_ATTEMPTS: claims of one key (each up to 3 sends) before giving up."""
-    pending_lease: timedelta = ledger.DEFAULT_LEASE
+    pending_lease: timedelta = timedelta(
+        minutes=int(setting_default("EMAIL_PENDING_LEASE_MINUTES"))
+    )
     """EMAIL_PENDING_LEASE_MINUTES: a claim older than this, never recorded, is an unknown
     outcome and is resent with the same Message-ID."""
-    latency_target: timedelta = timedelta(hours=1)
+    latency_target: timedelta = timedelta(
+        minutes=int(setting_default("REPORT_LATENCY_TARGET_MINUTES"))
+    )
     """REPORT_LATENCY_TARGET_MINUTES: p95 from session time to delivery the check allows."""
 
     @classmethod
