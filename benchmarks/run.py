@@ -344,7 +344,13 @@ def markdown(report: dict[str, Any]) -> str:
             "tick",
             f"{len(st.get('tick', {}).get('emails', []))} emails, digest sent: "
             f"{st.get('tick', {}).get('digest_sent')}; then the hourly dashboard rebuild "
-            f"{_fmt(st.get('tick', {}).get('dashboard_seconds'), 2)} s",
+            f"{_fmt(st.get('tick', {}).get('dashboard_seconds'), 2)} s; delta publish: "
+            f"{st.get('tick', {}).get('publish_delta')}",
+        ),
+        row(
+            "serving-store publish alone (history backfill, current, hourly cases)",
+            "publish",
+            f"{_fmt(st.get('publish', {}).get('history_rows'))} history rows (cases below)",
         ),
         "",
         "| target | measured | target | |",
@@ -377,6 +383,24 @@ def markdown(report: dict[str, Any]) -> str:
         steps = st.get(stage, {}).get("steps")
         if steps:
             lines += [f"## {title}", "", *_steps_table(steps), ""]
+    pub = st.get("publish", {})
+    if pub.get("cases"):
+        lines += [
+            "## Serving-store publish alone (store/publish.py, its own Postgres database)",
+            "",
+            f"{_fmt(pub.get('history_rows'))} history rows; "
+            f"{_fmt(pub.get('horizon_sessions'))} sessions in the serving horizon.",
+            "",
+            "| case | s | rows offered | written | deleted |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for case in pub["cases"]:
+            lines.append(
+                f"| {case['case']} | {_fmt(case['seconds'], 2)} | "
+                f"{_fmt(sum(case['staged'].values()))} | {_fmt(sum(case['written'].values()))} | "
+                f"{_fmt(sum(case['deleted'].values()))} |"
+            )
+        lines.append("")
     lat = st.get("latency", {})
     if lat.get("drops"):
         lines += [

@@ -138,13 +138,19 @@ def generate(plan: Plan, fmt: str) -> dict[str, Any]:
 # The Dagster runs
 
 
-def _materialize(assets: list[Any], run_config: dict[str, Any], tags: dict[str, str] | None = None):
-    """``dg.materialize`` on an ephemeral instance with the default resources, measured."""
+def _materialize(
+    assets: list[Any],
+    run_config: dict[str, Any],
+    tags: dict[str, str] | None = None,
+    instance: Any = None,
+):
+    """``dg.materialize`` on ``instance`` (default: an ephemeral one) with the default
+    resources, measured."""
     import dagster as dg
 
     from tutor_scoring_dagster.defs.resources import default_resources
 
-    instance = dg.DagsterInstance.ephemeral()
+    instance = instance or dg.DagsterInstance.ephemeral()
     with RssSampler() as sampler:
         result, seconds = _timed(
             lambda: dg.materialize(
@@ -215,6 +221,119 @@ def rebuild(plan: Plan) -> dict[str, Any]:
         "daily_rows": summary.value("tutor_scores_daily", "rows"),
         "emails_sent": summary.value("email_reports", "emails_sent"),
         "steps": [s.to_json() for s in steps],
+    }
+
+
+# The serving-store publish alone
+
+
+def publish(plan: Plan) -> dict[str, Any]:
+    """The serving-store publish alone (``store/publish.py``), on the rebuild's warehouse, into
+    a database of its own: every day's history into an empty store (a backfill), one day of it
+    re-published, the current snapshot's first publish (the 180-day horizon of sessions); then
+    the hourly cases: the whole horizon mirrored again with nothing changed (the path before
+    delta publishing), and delta publishes with nothing and with 1% of the horizon's sessions
+    changed. Each case is one ``publish_*`` call, timed (rows offered, written, deleted)."""
+    from tutor_scoring_dagster.config import load_settings
+    from tutor_scoring_dagster.paths import load_sql as project_sql
+    from tutor_scoring_dagster.store.publish import (
+        PublishStats,
+        create_store_engine,
+        horizon_start,
+        publish_current,
+        publish_history,
+    )
+    from tutor_scoring_dagster.warehouse import connect, query_frame
+
+    settings = load_settings()
+    with connect(settings.warehouse, read_only=True) as con:
+        scores = query_frame(con, project_sql("tutor_scores_current_select"))
+        start = horizon_start(scores, settings.serving_horizon_days, now=datetime.now(UTC))
+        since = start or datetime(1970, 1, 1, tzinfo=UTC)
+        tutors = query_frame(con, project_sql("tutors_current_select"))
+        sessions = query_frame(con, project_sql("sessions_recent_select"), {"since": since})
+        reschedules = query_frame(con, project_sql("reschedules_recent_select"), {"since": since})
+        history = query_frame(
+            con,
+            project_sql("tutor_scores_daily_range_select"),
+            {"start": plan.as_of - timedelta(days=plan.days - 1), "end": plan.as_of + timedelta(1)},
+        )
+    first_day = plan.start_date
+    last_day = plan.end_date - timedelta(days=1)
+    admin = plan.database_url.rpartition("/")[0]
+    database = plan.database_url.rpartition("/")[2] + "_publish"
+    pg_admin = admin.replace("postgresql+psycopg://", "postgresql://", 1) + "/postgres"
+    with psycopg.connect(pg_admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{database}"')
+    cases: list[dict[str, Any]] = []
+
+    def record(name: str, run: Callable[[], PublishStats]) -> PublishStats:
+        stats, seconds = _timed(run)
+        cases.append(
+            {
+                "case": name,
+                "seconds": round(seconds, 3),
+                "staged": stats.staged,
+                "written": stats.written,
+                "deleted": stats.deleted,
+                "delta": stats.delta,
+            }
+        )
+        return stats
+
+    engine = create_store_engine(f"{admin}/{database}")
+    try:
+        record(
+            "history, every day into an empty store",
+            lambda: publish_history(
+                engine, history, first_day, last_day, now=datetime.now(UTC), tutors=tutors
+            ),
+        )
+        one_day = history.filter(pl.col("as_of") == history["as_of"].max())
+        record(
+            "history, the last day re-published (nothing changed)",
+            lambda: publish_history(engine, one_day, last_day, last_day, now=datetime.now(UTC)),
+        )
+
+        def current(rows: pl.DataFrame, **kw: Any) -> PublishStats:
+            return publish_current(
+                engine,
+                tutors=tutors,
+                sessions=rows,
+                reschedules=kw.pop("reschedules", reschedules),
+                scores=scores,
+                horizon_start=start,
+                now=datetime.now(UTC),
+                **kw,
+            )
+
+        record("current, first publish (180-day horizon)", lambda: current(sessions))
+        mark = record(
+            "current, whole horizon again, nothing changed (full mirror)",
+            lambda: current(sessions),
+        ).mark
+        changed = sessions.filter(pl.int_range(pl.len()) % 100 == 0).with_columns(
+            updated_at=pl.col("updated_at") + timedelta(hours=1)
+        )
+        nothing = reschedules.clear()
+        mark = record(
+            "current, delta, nothing changed",
+            lambda: current(sessions.clear(), reschedules=nothing, changed_since=mark),
+        ).mark
+        record(
+            "current, delta, 1% of the horizon's sessions changed",
+            lambda: current(changed, reschedules=nothing, changed_since=mark),
+        )
+    finally:
+        engine.dispose()
+        with psycopg.connect(pg_admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    return {
+        "seconds": round(sum(c["seconds"] for c in cases), 3),
+        "peak_rss_mb": peak_rss_mb(),
+        "history_rows": history.height,
+        "horizon_sessions": sessions.height,
+        "cases": cases,
     }
 
 
@@ -394,6 +513,8 @@ def tick(plan: Plan) -> dict[str, Any]:
     """The hourly incremental run on top of the full history: one new drop through ingest, the
     current snapshot (and its blocking checks), publish and the report emails (the hourly
     job's assets but the dashboard); then, as a run of its own, the hourly dashboard rebuild."""
+    import dagster as dg
+
     from tutor_scoring_dagster.config import load_settings
     from tutor_scoring_dagster.defs.ingest.assets import landing_drops
     from tutor_scoring_dagster.defs.publish.assets import tutor_scores
@@ -405,9 +526,13 @@ def tick(plan: Plan) -> dict[str, Any]:
 
     settings = load_settings()
     as_of = plan.as_of + timedelta(hours=1)
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    # The previous hour's publish, as a deployed instance remembers it (the store mark and the
+    # newest load it included, in its materialization): untimed, it writes nothing new.
+    instance = dg.DagsterInstance.ephemeral()
+    previous, previous_seconds, _ = _materialize([tutor_scores], quiet, instance=instance)
     write_hourly_drop(settings.landing_dir, _tutor_ids(plan), as_of, plan.seed)
     before = _eml(settings.outbox_dir)
-    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     result, seconds, steps = _materialize(
         [
             landing_drops,
@@ -424,6 +549,7 @@ def tick(plan: Plan) -> dict[str, Any]:
             },
             **quiet,
         },
+        instance=instance,
     )
     emails = sorted(set(_eml(settings.outbox_dir)) - set(before))
     site, site_seconds, site_steps = _materialize([dashboard_site], quiet)
@@ -434,6 +560,9 @@ def tick(plan: Plan) -> dict[str, Any]:
         "dashboard_seconds": round(site_seconds, 3),
         "peak_rss_mb": peak_rss_mb(),
         "rows_loaded": _metadata(result, "landing_drops").get("rows_loaded"),
+        "previous_publish_seconds": round(previous_seconds, 3),
+        "previous_publish_success": previous.success,
+        "publish_delta": _metadata(result, "tutor_scores").get("delta"),
         "emails": emails,
         "digest_sent": any(name.startswith("digest") for name in emails),
         "steps": [s.to_json() for s in [*steps, *site_steps]],
@@ -571,6 +700,7 @@ STAGES: dict[str, Callable[[Plan], dict[str, Any]]] = {
     "generate_csv": lambda plan: generate(plan, "csv"),
     "ingest_csv": ingest_csv,
     "rebuild": rebuild,
+    "publish": publish,
     "floor": floor,
     "baseline": baseline,
     "tick": tick,

@@ -9,8 +9,10 @@ import polars as pl
 
 from tutor_scoring_dagster.schemas import (
     WINDOWS_DAYS,
+    TutorRiskDrivers,
     TutorRiskTiers,
     TutorScores,
+    model_schema,
     score_row_schema,
 )
 
@@ -101,6 +103,40 @@ def scores(n: int, as_of: datetime = AS_OF, *, shift: int = 0) -> pl.DataFrame:
     }
     out = frame.with_columns(**columns)
     return out.select(list(score_row_schema()))
+
+
+def drivers(snapshot: pl.DataFrame) -> pl.DataFrame:
+    """Two drivers (reschedule rate, short notice) of each watch/high tutor of ``snapshot``."""
+    flagged = snapshot.filter(pl.col("risk_tier").is_in(["high", "watch"]))
+    rows = []
+    for r in flagged.iter_rows(named=True):
+        rows += [
+            {
+                "tutor_id": r["tutor_id"],
+                "as_of": r["as_of"],
+                "driver": "reschedule_rate",
+                "detail": None,
+                "tutor_value": 0.3,
+                "population_value": 0.1,
+                "lift": 3.0,
+                "tutor_count": 9,
+                "tutor_base": 30,
+                "description": "30% of sessions rescheduled in 30 days (population 10%)",
+            },
+            {
+                "tutor_id": r["tutor_id"],
+                "as_of": r["as_of"],
+                "driver": "short_notice",
+                "detail": None,
+                "tutor_value": 0.8,
+                "population_value": 0.0,
+                "lift": 80.0,
+                "tutor_count": 8,
+                "tutor_base": 10,
+                "description": "80% of reschedules at < 24 h notice (population 0%)",
+            },
+        ]
+    return pl.DataFrame(rows, schema=model_schema(TutorRiskDrivers))
 
 
 def history(n_tutors: int, first_day: date, days: int) -> pl.DataFrame:

@@ -220,6 +220,36 @@ def test_the_current_snapshot_replaces_the_previous_one(engine: sa.Engine) -> No
     assert as_of == 1 and tutors == 12  # tutors stay: history refers to them
 
 
+def test_risk_drivers_are_mirrored_with_the_snapshot(engine: sa.Engine) -> None:
+    data = snapshot(n_tutors=12)
+    data["risk_drivers"] = f.drivers(data["scores"])
+    assert data["risk_drivers"].height > 0
+    first = publish(engine, data)
+    assert first.written["tutor_risk_drivers"] == data["risk_drivers"].height
+    before = dump_drivers(engine)
+    again = publish(engine, data, now=NOW + timedelta(hours=1))
+    assert again.written["tutor_risk_drivers"] == 0 and dump_drivers(engine) == before
+
+    # The next snapshot flags fewer tutors: their drivers leave with it, in the same publish.
+    later = snapshot(n_tutors=12)
+    later["scores"] = f.scores(12, f.AS_OF + timedelta(hours=1), shift=4)
+    later["risk_drivers"] = f.drivers(later["scores"]).head(2)
+    stats = publish(engine, later, now=NOW + timedelta(hours=2))
+    assert stats.deleted["tutor_risk_drivers"] == data["risk_drivers"].height
+    assert stats.written["tutor_risk_drivers"] == 2
+    assert [(r["tutor_id"], r["driver"]) for r in dump_drivers(engine)] == [
+        (r["tutor_id"], r["driver"])
+        for r in later["risk_drivers"].sort("tutor_id", "driver").to_dicts()
+    ]
+
+
+def dump_drivers(engine: sa.Engine) -> list[dict[str, Any]]:
+    d = t.tutor_risk_drivers
+    with engine.connect() as conn:
+        query = sa.select(d).order_by(d.c.tutor_id, d.c.driver)
+        return [dict(r) for r in conn.execute(query).mappings()]
+
+
 def test_history_replaces_exactly_its_days(engine: sa.Engine) -> None:
     first = date(2026, 2, 1)
     days = f.history(6, first, 4)
@@ -281,3 +311,196 @@ def test_text_survives_the_bulk_load_exactly(engine: sa.Engine) -> None:
         ).scalars()
         assert list(stored) == list(moved.sort("session_id")["reason"])
     assert set(publish(engine, {**data, "reschedules": moved}).written.values()) == {0}
+
+
+@pytest.fixture
+def pg_engine(pg_url: str) -> Iterator[sa.Engine]:
+    engine = create_store_engine(pg_url)
+    yield engine
+    engine.dispose()
+
+
+def test_binary_copy_round_trips_every_type(pg_engine: sa.Engine) -> None:
+    """Postgres gets frames in its binary COPY format (SQLite has no COPY): values come back
+    exactly, edge cases included (nulls, NaN, infinities, dates and instants before 2000,
+    multi-byte text)."""
+    engine = pg_engine
+    table = sa.Table(
+        "binary_round_trip",
+        sa.MetaData(),
+        sa.Column("k", sa.Integer, primary_key=True),
+        sa.Column("s", sa.String(1000)),
+        sa.Column("txt", sa.Text),
+        sa.Column("f", sa.Float),
+        sa.Column("b", sa.Boolean),
+        sa.Column("d", sa.Date),
+        sa.Column("ts", sa.DateTime(timezone=True)),
+        sa.Column("i", sa.Integer),
+        sa.Column("nothing", sa.Text),
+    )
+    frame = pl.DataFrame(
+        {
+            "k": [1, 2, 3, 4, 5, 6],
+            "s": ["a", "", None, "é€😀", "x" * 300, "y"],
+            "txt": ["x" * 200, None, "", 'line\nbreak,"q"', "\\N", "tab\t"],
+            "f": [1.5, float("nan"), None, float("inf"), -0.0, 1e-300],
+            "b": [True, False, None, True, False, True],
+            "d": [
+                date(1999, 12, 31),
+                date(2000, 1, 1),
+                None,
+                date(1970, 1, 1),
+                None,
+                date(1900, 1, 1),
+            ],
+            "ts": [
+                datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+                None,
+                datetime(2026, 1, 1, tzinfo=UTC),
+                datetime(1960, 1, 1, tzinfo=UTC),
+                datetime(2000, 1, 1, tzinfo=UTC),
+                datetime(2025, 6, 1, 12, 0, 0, 123456, tzinfo=UTC),
+            ],
+            "i": [2**31 - 1, -(2**31), None, 0, 7, -1],
+            "nothing": pl.Series([None] * 6, dtype=pl.String),
+        },
+        schema_overrides={"ts": pl.Datetime("us", "UTC"), "i": pl.Int64},
+    )
+    with engine.begin() as conn:
+        table.create(conn)
+        assert p._binary_columns(conn, table, frame) is not None
+        p._copy(conn, table, frame)
+        stored = [tuple(r) for r in conn.execute(sa.select(table).order_by(table.c.k))]
+        # Too big for its column: the frame goes as CSV, and Postgres says what is wrong.
+        assert p._binary_columns(conn, table, frame.with_columns(i=pl.lit(2**40))) is None
+        table.drop(conn)
+    for want, got in zip(frame.rows(), stored, strict=True):
+        assert all(w == g or (w != w and g != g) for w, g in zip(want, got, strict=True)), got
+
+
+def changed_snapshot(data: dict[str, Any], start: datetime) -> tuple[dict[str, Any], pl.DataFrame]:
+    """The next hour's snapshot of ``data``, and the sessions it changed: statuses updated,
+    new sessions, one session moved before ``start`` (it must leave the store), and a new
+    reschedule of one of the changed sessions."""
+    sessions = data["sessions"]
+    ids = pl.col("session_id")
+    changed_ids = sessions.sort("scheduled_time", descending=True)["session_id"].head(5)
+    updated = sessions.filter(ids.is_in(changed_ids.to_list())).with_columns(
+        status=pl.lit("no_show"), updated_at=pl.col("updated_at") + timedelta(hours=1)
+    )
+    moved = updated.head(1).with_columns(scheduled_time=pl.lit(start) - timedelta(days=1))
+    updated = pl.concat([moved, updated.slice(1)])
+    fresh = sessions.head(3).with_columns(
+        session_id=pl.format("NEW{}", pl.int_range(3)), scheduled_time=pl.lit(f.AS_OF)
+    )
+    changed = pl.concat([updated, fresh])
+    everything = pl.concat([sessions.filter(~ids.is_in(changed["session_id"].to_list())), changed])
+    extra = f.reschedules(fresh.with_columns(status=pl.lit("rescheduled"))).head(1)
+    data = {**data, "sessions": everything, "reschedules": pl.concat([data["reschedules"], extra])}
+    return data, changed
+
+
+def test_a_delta_publish_ends_where_the_full_mirror_would(engine: sa.Engine) -> None:
+    """Given only the changed sessions (and reschedules) and the previous publish's mark, the
+    store ends exactly as a publish of the whole horizon leaves it; unchanged rows keep their
+    stamps; sessions that fell out of the (advanced) horizon leave with their reschedules."""
+    data = snapshot(600, 10)
+    start = horizon_start(data["scores"], 120, now=NOW)
+    assert start is not None
+    first = publish(engine, data, horizon_start=start)
+    assert first.mark is not None and not first.delta
+
+    later = start + timedelta(days=30)  # the horizon moves on
+    new, changed = changed_snapshot(data, later)
+    changed_reschedules = new["reschedules"].join(changed, on="session_id", how="semi")
+    changed_reschedules = changed_reschedules.filter(
+        pl.col("session_id").is_in(
+            new["sessions"].filter(pl.col("scheduled_time") >= later)["session_id"].to_list()
+        )
+    )
+    before = dump(engine)
+    delta = publish(
+        engine,
+        {**new, "sessions": changed, "reschedules": changed_reschedules},
+        now=NOW + timedelta(hours=1),
+        horizon_start=later,
+        changed_since=first.mark,
+    )
+    assert delta.delta and delta.mark is not None
+    assert delta.written["sessions"] == 4 + 3 and delta.written["tutor_scores"] == 0
+    assert delta.deleted["sessions"] > 1 and delta.deleted["reschedules"] > 0
+    after = dump(engine)
+    unchanged = set(new["sessions"]["session_id"]) - set(changed["session_id"])
+    stamps = {r["session_id"]: r["updated_at"] for r in before["sessions"]}
+    assert all(
+        stamps[r["session_id"]] == r["updated_at"]
+        for r in after["sessions"]
+        if r["session_id"] in unchanged
+    )
+
+    # The whole horizon published now changes nothing: the delta left exactly that state.
+    full = publish(engine, new, now=NOW + timedelta(hours=2), horizon_start=later)
+    assert set(full.written.values()) == {0} and set(full.deleted.values()) == {0}
+    assert dump(engine) == after
+    assert full.mark is not None and not full.mark.differs(delta.mark)
+
+
+def test_a_delta_publish_on_a_store_that_moved_on_is_refused(engine: sa.Engine) -> None:
+    """A delta needs the store as the mark left it, and a horizon that does not grow back:
+    otherwise ``StaleMark`` and nothing written (the caller publishes the whole horizon)."""
+    data = snapshot(300, 6)
+    start = horizon_start(data["scores"], 120, now=NOW)
+    assert start is not None
+    mark = publish(engine, data, horizon_start=start).mark
+    assert mark is not None
+    new, changed = changed_snapshot(data, start)
+    publish(engine, new, horizon_start=start, now=NOW + timedelta(hours=1))  # someone else
+    before = dump(engine)
+    nothing = {**new, "sessions": changed, "reschedules": new["reschedules"].clear()}
+    with pytest.raises(p.StaleMark, match="changed since"):
+        publish(engine, nothing, horizon_start=start, changed_since=mark)
+    with pytest.raises(p.StaleMark, match="horizon"):
+        publish(engine, nothing, horizon_start=start - timedelta(days=1), changed_since=mark)
+    assert dump(engine) == before
+
+
+def test_the_hourly_asset_ships_a_delta_that_ends_where_the_mirror_would(
+    home: Any, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the real assets: the next hour's `tutor_scores` on the same Dagster instance
+    reads and ships only the later loads' sessions (metadata `delta`), and a whole-horizon
+    mirror afterwards (a fresh instance: no mark) finds nothing to write or delete."""
+    import dagster as dg
+    from reliability._support import HISTORY_DAYS, T, build_drops, newly_risky_drops
+
+    from tutor_scoring_dagster.defs.jobs import run_pipeline
+    from tutor_scoring_dagster.defs.publish.assets import tutor_scores
+    from tutor_scoring_dagster.defs.resources import default_resources
+
+    monkeypatch.setenv("DATABASE_URL", store_url)
+    build_drops(home.landing_dir)
+    with dg.instance_for_test() as instance:
+        first = run_pipeline(as_of=T, history_days=HISTORY_DAYS, instance=instance)
+        assert first.success, first.render()
+        assert first.value("tutor_scores", "delta") is False
+        newly_risky_drops(home.landing_dir, tutors=("Z3",))
+        for entity in ("sessions", "reschedules"):
+            (home.landing_dir / f"{entity}_20260301T1130.csv").rename(
+                home.landing_dir / f"{entity}_20260301T1230.csv"
+            )
+        later = run_pipeline(
+            as_of=T + timedelta(hours=1), history_days=HISTORY_DAYS, instance=instance
+        )
+        assert later.success, later.render()
+        assert later.value("tutor_scores", "delta") is True
+        assert later.value("tutor_scores", "sessions_written") > 0
+    with dg.instance_for_test() as fresh:
+        mirror = dg.materialize([tutor_scores], resources=default_resources(), instance=fresh)
+    meta = mirror.asset_materializations_for_node("tutor_scores")[0].metadata
+    assert meta["delta"].value is False
+    assert {k: v.value for k, v in meta.items() if k.endswith(("_written", "_deleted"))} == {
+        f"{table}_{kind}": 0
+        for table in ("tutors", "sessions", "reschedules", "tutor_scores", "tutor_risk_drivers")
+        for kind in ("written", "deleted")
+        if not (table == "tutors" and kind == "deleted")
+    }

@@ -12,24 +12,39 @@ On Postgres, a big frame whose table holds no row in the scope it replaces (a fi
 backfill of new days) skips the stage: it is copied straight into its table, where the merge
 would have inserted every row anyway. Into an empty table, its foreign keys and secondary
 indexes are dropped for the copy and made again after it, in the same transaction (one
-set-based check and one sorted index build instead of a lookup and an index insert per row).
+set-based check and one sorted index build instead of a lookup and an index insert per row),
+and the rows go in key order, so the primary key is filled page by page.
+
+Postgres gets every frame in its binary ``COPY`` format where the columns allow (numbers,
+booleans, dates, zone-aware timestamps, text: no text parsing on the server), encoded with
+numpy and Arrow a chunk at a time, else in CSV.
+
+``publish_current`` can also publish a delta: given the ``StoreMark`` the previous publish left
+(row counts and newest ``updated_at`` of sessions and reschedules, and the horizon), only the
+sessions and reschedules changed since are shipped and merged, and sessions that left the
+horizon are deleted by range; when the store no longer matches the mark, it refuses
+(``StaleMark``, nothing written) and the caller mirrors the whole horizon as before.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
-from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from itertools import islice
 from pathlib import Path
 from typing import Any, Final, TypeAlias
 
+import numpy as np
 import polars as pl
 import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
@@ -46,6 +61,30 @@ PUBLISH_MEMORY: Final = "256MB"
 """Postgres ``temp_buffers`` and ``work_mem`` of a publish: staged rows and hash joins stay in
 memory (the server's defaults, 8MB and 4MB, spill a million-row publish to disk)."""
 STAMPS: Final = frozenset({"updated_at", "last_calculated_at"})
+BINARY_CHUNK_ROWS: Final = 250_000
+"""Rows encoded at a time for a binary ``COPY``."""
+BINARY_SIGNATURE: Final = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+"""The binary COPY header: the signature, no flags, no header extension."""
+BINARY_TRAILER: Final = b"\xff\xff"
+PG_EPOCH_DAYS: Final = 10_957
+"""2000-01-01 (Postgres's epoch for dates and timestamps) in days since 1970-01-01."""
+PG_EPOCH_MICROS: Final = PG_EPOCH_DAYS * 86_400_000_000
+BINARY_NUMBERS: Final[dict[str, pl.DataType]] = {
+    "smallint": pl.Int16(),
+    "integer": pl.Int32(),
+    "bigint": pl.Int64(),
+    "real": pl.Float32(),
+    "double precision": pl.Float64(),
+}
+BINARY_FORMATS: Final[dict[pl.DataType, str]] = {
+    pl.Int16(): ">i2",
+    pl.Int32(): ">i4",
+    pl.Int64(): ">i8",
+    pl.Float32(): ">f4",
+    pl.Float64(): ">f8",
+    pl.UInt8(): "u1",
+}
+"""numpy's big-endian format of each physical column type of ``_binary_columns``."""
 DIRECT_COPY_MIN_ROWS: Final = 100_000
 """Rows from which a frame replacing nothing is copied straight into its table (Postgres)."""
 
@@ -60,6 +99,40 @@ class PublishStats:
     written: dict[str, int] = field(default_factory=dict)
     deleted: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    mark: StoreMark | None = None
+    """``publish_current``: what it left in the store, for the next (delta) publish."""
+    delta: bool = False
+    """``publish_current``: whether only the changed sessions and reschedules were published."""
+
+
+@dataclass(frozen=True)
+class StoreMark:
+    """The sessions and reschedules a ``publish_current`` left in the store: their counts and
+    newest ``updated_at`` (every publish stamps what it writes, so another writer, a restore
+    or a failed publish changes them), and the serving horizon they cover. A delta publish
+    builds on a mark only if the store still matches it."""
+
+    sessions: int
+    sessions_updated_at: str | None
+    reschedules: int
+    reschedules_updated_at: str | None
+    horizon_start: str | None
+
+    def differs(self, other: StoreMark) -> bool:
+        """Whether the stores behind the two marks hold different sessions or reschedules."""
+        return asdict(self) | {"horizon_start": None} != asdict(other) | {"horizon_start": None}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> StoreMark:
+        return cls(**json.loads(text))
+
+
+class StaleMark(Exception):
+    """A delta publish was refused (nothing written): the store is not as the mark says, or the
+    horizon grew back; publish the whole horizon instead."""
 
 
 def create_store_engine(url: str) -> Engine:
@@ -81,7 +154,7 @@ def create_store_engine(url: str) -> Engine:
             # Staging tables live in temp buffers, which a session can size only before its
             # first temporary table; the default 8MB sends a big publish to disk.
             with dbapi_conn.cursor() as cursor:
-                cursor.execute(f"SET temp_buffers = '{PUBLISH_MEMORY}'")
+                cursor.execute("SELECT set_config('temp_buffers', %s, false)", (PUBLISH_MEMORY,))
             dbapi_conn.commit()
 
     if engine.dialect.name == "sqlite":
@@ -118,38 +191,131 @@ def publish_current(
     horizon_start: datetime | None,
     now: datetime,
     auto_upgrade: bool = True,
+    changed_since: StoreMark | None = None,
+    risk_drivers: pl.DataFrame | None = None,
 ) -> PublishStats:
     """Publish tutors, the sessions and reschedules of the serving horizon, and the current
-    score snapshot, in one transaction.
+    score snapshot (with ``risk_drivers``, its flagged tutors' drivers, when given: the store's
+    ``tutor_risk_drivers`` then holds exactly those), in one transaction.
 
     Afterwards the store holds exactly the ``sessions`` scheduled at or after ``horizon_start``
     (None: all of them) and their ``reschedules``, and exactly the tutors of ``scores`` in
     ``tutor_scores``; ``tutors`` are added or updated, never removed (history refers to them).
     ``scores`` must be one snapshot (one ``as_of``).
+
+    With ``changed_since`` (the ``mark`` of an earlier publish), ``sessions`` and
+    ``reschedules`` are only what changed since it (the sessions of later loads, whatever their
+    scheduled time, and the reschedules of later loads on sessions of the horizon): those are
+    merged, sessions now before ``horizon_start`` leave with their reschedules, and nothing else
+    of the horizon is read or shipped. Raises ``StaleMark`` (having written nothing) when the
+    store is no longer as the mark left it, the horizon would grow back, or the change is big.
     """
     as_of_values = scores.get_column("as_of").unique().to_list() if scores.height else []
     if len(as_of_values) > 1:
         raise ValueError(f"the current snapshot must have one as_of, got {len(as_of_values)}")
+    delta = changed_since is not None
+    if changed_since is not None:
+        _check_delta(changed_since, horizon_start, sessions, reschedules)
+    leaving: list[str] = []  # changed sessions now scheduled before the horizon (delta)
     if horizon_start is not None:
+        if delta:
+            early = pl.col("scheduled_time") < horizon_start
+            leaving = sessions.filter(early).get_column("session_id").to_list()
         sessions = sessions.filter(pl.col("scheduled_time") >= horizon_start)
     session_rows = _to_table(sessions, t.sessions)
+    if not delta:
+        reschedules = reschedules.join(
+            session_rows.select("session_id"), on="session_id", how="semi"
+        )
     frames = {
         t.tutors: _to_table(tutors, t.tutors),
         t.sessions: session_rows,
-        t.reschedules: _to_table(
-            reschedules.join(session_rows.select("session_id"), on="session_id", how="semi"),
-            t.reschedules,
-        ),
+        t.reschedules: _to_table(reschedules, t.reschedules),
         t.tutor_scores: _to_table(scores, t.tutor_scores),
     }
+    drivers = [] if risk_drivers is None else [(t.tutor_risk_drivers, None)]
+    if risk_drivers is not None:
+        frames[t.tutor_risk_drivers] = _to_table(risk_drivers, t.tutor_risk_drivers)
+
+    def guard(conn: Connection) -> None:
+        if changed_since is not None and _mark(conn, None).differs(changed_since):
+            raise StaleMark("the store's sessions or reschedules changed since the last publish")
+
+    def finish(conn: Connection, stats: PublishStats) -> None:
+        if delta and horizon_start is not None:
+            stats.deleted.update(_drop_before(conn, horizon_start, leaving))
+        stats.mark = _mark(conn, horizon_start)
+        stats.delta = delta
+
     return _publish(
         engine,
         frames,
         # Children before parents, so that no foreign key is broken on the way.
-        mirror=[(t.tutor_scores, None), (t.reschedules, None), (t.sessions, None)],
+        mirror=[*drivers, (t.tutor_scores, None)]
+        if delta
+        else [*drivers, (t.tutor_scores, None), (t.reschedules, None), (t.sessions, None)],
         now=now,
         auto_upgrade=auto_upgrade,
+        guard=guard,
+        finish=finish,
     )
+
+
+def _check_delta(
+    mark: StoreMark,
+    horizon_start: datetime | None,
+    sessions: pl.DataFrame,
+    reschedules: pl.DataFrame,
+) -> None:
+    """Refuse a delta publish the mark cannot take (before anything is opened)."""
+    previous = None if mark.horizon_start is None else datetime.fromisoformat(mark.horizon_start)
+    if (previous is None) != (horizon_start is None) or (
+        previous is not None and horizon_start is not None and horizon_start < previous
+    ):
+        raise StaleMark(f"the serving horizon changed from {previous} to {horizon_start}")
+    if max(sessions.height, reschedules.height) >= DIRECT_COPY_MIN_ROWS:
+        raise StaleMark(f"{sessions.height:,} sessions changed: publishing the whole horizon")
+
+
+def _mark(conn: Connection, horizon_start: datetime | None) -> StoreMark:
+    """The store's mark now (``horizon_start``: what the publish being made covers)."""
+    counts = [
+        conn.execute(
+            sa.select(sa.func.count(), sa.func.max(table.c.updated_at)).select_from(table)
+        ).one()
+        for table in (t.sessions, t.reschedules)
+    ]
+    return StoreMark(
+        sessions=int(counts[0][0]),
+        sessions_updated_at=_iso(counts[0][1]),
+        reschedules=int(counts[1][0]),
+        reschedules_updated_at=_iso(counts[1][1]),
+        horizon_start=_iso(horizon_start),
+    )
+
+
+def _iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:  # SQLite hands back naive UTC
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat()
+
+
+def _drop_before(conn: Connection, start: datetime, leaving: list[str]) -> dict[str, int]:
+    """Delete the sessions scheduled before ``start`` and the ``leaving`` ones (a change moved
+    them before it; the store still has them inside), reschedules first."""
+    old = sa.select(t.sessions.c.session_id).where(t.sessions.c.scheduled_time < start)
+    conditions = [(t.reschedules.c.session_id.in_(old), t.sessions.c.scheduled_time < start)]
+    conditions += [
+        (t.reschedules.c.session_id.in_(ids), t.sessions.c.session_id.in_(ids))
+        for ids in (leaving[i : i + CHUNK_ROWS] for i in range(0, len(leaving), CHUNK_ROWS))
+    ]
+    moved = gone = 0
+    for children, parents in conditions:
+        moved += max(conn.execute(sa.delete(t.reschedules).where(children)).rowcount, 0)
+        gone += max(conn.execute(sa.delete(t.sessions).where(parents)).rowcount, 0)
+    return {t.reschedules.name: moved, t.sessions.name: gone}
 
 
 def publish_history(
@@ -192,9 +358,13 @@ def _publish(
     mirror: list[tuple[sa.Table, sa.ColumnElement[bool] | None]],
     now: datetime,
     auto_upgrade: bool,
+    guard: Callable[[Connection], None] | None = None,
+    finish: Callable[[Connection, PublishStats], None] | None = None,
 ) -> PublishStats:
     """Upsert each frame into its table, in order; then, for each ``(table, scope)`` of
-    ``mirror``, delete the rows in ``scope`` (None: the whole table) that its frame lacks."""
+    ``mirror``, delete the rows in
+    ``scope`` (None: the whole table) that its frame lacks. Under the lock, ``guard`` runs
+    before anything is written and ``finish`` after everything, in the same transaction."""
     for table, frame in frames.items():
         _check_unique_keys(table, frame)
     started = time.perf_counter()
@@ -202,8 +372,10 @@ def _publish(
     stats = PublishStats()
     scopes = dict(mirror)
     with locked_transaction(engine) as conn:
+        if guard is not None:
+            guard(conn)
         if conn.dialect.name == "postgresql":
-            conn.exec_driver_sql(f"SET LOCAL work_mem = '{PUBLISH_MEMORY}'")
+            conn.execute(sa.text("SELECT set_config('work_mem', :v, true)"), {"v": PUBLISH_MEMORY})
         # Decided under the lock, before anything is written: what each frame replaces.
         direct = {
             table: empty
@@ -225,6 +397,8 @@ def _publish(
             stats.deleted[table.name] = (
                 0 if table in direct else _delete_unstaged(conn, table, stages[table], scope)
             )
+        if finish is not None:
+            finish(conn, stats)
         for stage in stages.values():
             stage.drop(conn)
     stats.seconds = time.perf_counter() - started
@@ -256,7 +430,10 @@ def _copy_direct(
     """Copy ``frame``, stamped ``now``, straight into ``table`` (which holds none of its keys);
     into an empty table with its foreign keys and secondary indexes made after the copy."""
     stamp = next(c for c in table.columns if c.name in STAMPS)
-    rows = frame.with_columns(pl.lit(now).alias(stamp.name))
+    # In key order, each row's primary key entry goes next to the previous one: the index is
+    # filled page by page instead of every page being revisited for each day.
+    keys = [c.name for c in table.primary_key.columns]
+    rows = frame.sort(keys).with_columns(pl.lit(now).alias(stamp.name))
     deferred_keys = list(table.foreign_key_constraints) if table_empty else []
     deferred_indexes = list(table.indexes) if table_empty else []
     for fk in deferred_keys:
@@ -268,6 +445,12 @@ def _copy_direct(
         conn.execute(sa.schema.CreateIndex(index))
     for fk in deferred_keys:
         conn.execute(sa.schema.AddConstraint(fk))  # checks every row at once
+    if table_empty:
+        # Statistics now, not at autovacuum's leisure: the next (small) publish into this table
+        # then looks its rows up by key instead of hash-joining the whole table. An identifier
+        # of tables.py only, quoted by the dialect; ANALYZE takes no bound parameters.
+        quote = conn.dialect.identifier_preparer.quote
+        conn.exec_driver_sql(f"ANALYZE {quote(table.name)}")  # noqa: S608, RUF100
     return frame.height
 
 
@@ -304,7 +487,9 @@ def _stage(conn: Connection, table: sa.Table, frame: pl.DataFrame) -> sa.Table:
         # keys' statistics are enough to choose the joins).
         quote = conn.dialect.identifier_preparer.quote
         keys = ", ".join(quote(c.name) for c in table.primary_key.columns)
-        conn.exec_driver_sql(f"ANALYZE {quote(stage.name)} ({keys})")
+        # Identifiers only (the stage's and its table's key columns, from tables.py), quoted
+        # by the dialect; ANALYZE takes no bound parameters.
+        conn.exec_driver_sql(f"ANALYZE {quote(stage.name)} ({keys})")  # noqa: S608, RUF100
     else:
         for offset in range(0, frame.height, CHUNK_ROWS):
             conn.execute(stage.insert(), frame.slice(offset, CHUNK_ROWS).to_dicts())
@@ -313,20 +498,173 @@ def _stage(conn: Connection, table: sa.Table, frame: pl.DataFrame) -> sa.Table:
 
 def _copy(conn: Connection, stage: sa.Table, frame: pl.DataFrame) -> None:
     """Bulk-load ``frame`` into ``stage`` (a staging table, or a table being filled directly)
-    with ``COPY .. FROM STDIN`` in CSV, in chunks."""
+    with ``COPY .. FROM STDIN``, in chunks: in Postgres's binary format when every column has
+    a binary encoding here (no text parsing on the server: several times cheaper for numbers
+    and timestamps), else in CSV."""
     quote = conn.dialect.identifier_preparer.quote
+    physical = _binary_columns(conn, stage, frame)
+    fmt = "csv" if physical is None else "binary"
+    columns = frame.columns if physical is None else physical.columns
+    # Identifiers only (a table of tables.py or its stage, and its column names), quoted by the
+    # dialect, and one of two format keywords; COPY takes no bound parameters.
     statement = (
-        f"COPY {quote(stage.name)} ({', '.join(quote(c) for c in frame.columns)}) "
-        "FROM STDIN (FORMAT csv)"
+        f"COPY {quote(stage.name)} ({', '.join(quote(c) for c in columns)}) "  # noqa: S608, RUF100
+        f"FROM STDIN (FORMAT {fmt})"
     )
+    chunks = _csv_chunks(frame) if physical is None else _binary_chunks(physical)
     driver = conn.connection.driver_connection
     assert isinstance(driver, psycopg.Connection)
     try:
         with driver.cursor() as cursor, cursor.copy(statement) as copy:
-            for chunk in _csv_chunks(frame):
+            for chunk in chunks:
                 copy.write(chunk)
     except psycopg.Error as exc:  # the driver's own error: give it SQLAlchemy's shape
         raise sa.exc.DBAPIError.instance(statement, None, exc, psycopg.Error) from exc
+
+
+def _binary_columns(conn: Connection, target: sa.Table, frame: pl.DataFrame) -> pl.DataFrame | None:
+    """``frame``'s columns as the values Postgres's binary COPY format carries, by the type
+    each has in ``target`` on the server (integers, floats, booleans 0/1, dates as days and
+    timestamps as microseconds since 2000-01-01; text), fixed-width columns first; None when a
+    column has no such encoding here (or its values do not fit): the frame goes as CSV."""
+    if frame.height == 0:
+        return None
+    rows = conn.execute(
+        sa.text(
+            "SELECT attname, format_type(atttypid, NULL) FROM pg_attribute "
+            "WHERE attrelid = CAST(:name AS regclass) AND attnum > 0 AND NOT attisdropped"
+        ),
+        {"name": conn.dialect.identifier_preparer.quote(target.name)},
+    )
+    server_types = {str(name): str(kind) for name, kind in rows}
+    exprs = []
+    for name, dtype in frame.schema.items():
+        expr = _binary_value(pl.col(name), server_types.get(name, ""), dtype)
+        if expr is None:
+            return None
+        exprs.append(expr.alias(name))
+    try:
+        physical = frame.select(exprs)
+    except pl.exceptions.PolarsError:  # e.g. an integer too big for its column: Postgres says
+        return None
+    text = [name for name, dtype in physical.schema.items() if dtype == pl.String]
+    return physical.select(pl.exclude(text), *text)
+
+
+def _binary_value(col: pl.Expr, server_type: str, dtype: pl.DataType) -> pl.Expr | None:
+    """The expression turning a column of ``dtype`` into what binary COPY sends for
+    ``server_type`` (None: not supported here)."""
+    if server_type in ("text", "character varying"):
+        return col if dtype == pl.String else None
+    if server_type == "boolean":
+        return col.cast(pl.UInt8) if dtype == pl.Boolean else None
+    if server_type == "date":
+        return col.cast(pl.Int32) - PG_EPOCH_DAYS if dtype == pl.Date else None
+    if server_type == "timestamp with time zone":
+        # A naive value would be read in the session's time zone: only zone-aware values here.
+        if not isinstance(dtype, pl.Datetime) or dtype.time_zone is None:
+            return None
+        utc = col.dt.convert_time_zone("UTC").dt.replace_time_zone(None)
+        return utc.dt.cast_time_unit("us").cast(pl.Int64) - PG_EPOCH_MICROS
+    if server_type in BINARY_NUMBERS and (dtype.is_integer() or dtype.is_float()):
+        target = BINARY_NUMBERS[server_type]
+        if dtype.is_float() and target.is_integer():
+            return None
+        return col.cast(target, strict=True)
+    return None
+
+
+def _binary_chunks(physical: pl.DataFrame) -> Iterator[bytes | memoryview]:
+    """``physical`` (from ``_binary_columns``) in Postgres's binary COPY format, a chunk at a
+    time; the next chunk is encoded (mostly without the GIL) while this one is sent."""
+    offsets = iter(range(0, physical.height, BINARY_CHUNK_ROWS))
+    yield BINARY_SIGNATURE
+    with ThreadPoolExecutor(max_workers=1) as encoder:
+        ahead = [
+            encoder.submit(_binary_chunk, physical.slice(offset, BINARY_CHUNK_ROWS))
+            for offset in islice(offsets, 1)
+        ]
+        while ahead:
+            chunk = ahead.pop().result()
+            ahead += [
+                encoder.submit(_binary_chunk, physical.slice(offset, BINARY_CHUNK_ROWS))
+                for offset in islice(offsets, 1)
+            ]
+            yield chunk
+    yield BINARY_TRAILER
+
+
+def _binary_chunk(chunk: pl.DataFrame) -> bytes | memoryview:
+    """Rows as binary COPY tuples. Rows with the same null fixed-width columns share one
+    layout, packed at once as a numpy record array; text fields (last) are appended by Arrow.
+    Rows come out grouped by that null pattern: COPY does not care about their order."""
+    pattern = [
+        pl.col(name).is_null().alias(f"__null_{i}")
+        for i, (name, dtype) in enumerate(chunk.schema.items())
+        if dtype != pl.String and chunk.get_column(name).has_nulls()
+    ]
+    if not pattern:
+        return _binary_rows(chunk)
+    groups = chunk.with_columns(pattern).partition_by(
+        [e.meta.output_name() for e in pattern], include_key=False
+    )
+    return b"".join(_binary_rows(group) for group in groups)
+
+
+def _binary_rows(rows: pl.DataFrame) -> bytes | memoryview:
+    """Rows whose fixed-width columns are each all null or all set: per row a field count, then
+    per field its length (-1: null) and its big-endian value."""
+    fields: list[tuple[str, str]] = [("count", ">i2")]
+    lengths: dict[str, int] = {}
+    values: dict[str, np.ndarray[Any, Any]] = {}
+    text = []
+    for i, (name, dtype) in enumerate(rows.schema.items()):
+        series = rows.get_column(name)
+        if dtype == pl.String:
+            text.append(series)
+            continue
+        fields.append((f"l{i}", ">i4"))
+        if series.null_count() == rows.height:
+            lengths[f"l{i}"] = -1
+            continue
+        fields.append((f"v{i}", BINARY_FORMATS[dtype]))
+        lengths[f"l{i}"] = np.dtype(BINARY_FORMATS[dtype]).itemsize
+        values[f"v{i}"] = series.to_numpy()
+    records = np.empty(rows.height, dtype=np.dtype(fields))
+    records["count"] = rows.width
+    for field_name, length in lengths.items():
+        records[field_name] = length
+    for field_name, value in values.items():
+        records[field_name] = value
+    if not text:
+        return records.tobytes()
+    empty = pa.scalar(b"", pa.large_binary())
+    joined = pc.binary_join_element_wise(
+        _fixed_binary(records.view(np.uint8), records.itemsize),
+        *(_text_field(series) for series in text),
+        empty,
+    )
+    offsets = np.frombuffer(joined.buffers()[1], dtype=np.int64)
+    start, end = offsets[joined.offset], offsets[joined.offset + len(joined)]
+    return memoryview(joined.buffers()[2])[start:end]
+
+
+def _fixed_binary(data: np.ndarray[Any, Any], width: int) -> pa.Array:
+    """``data`` (bytes) cut into values of ``width`` bytes, as an Arrow binary array."""
+    count = len(data) // width
+    offsets = np.arange(0, (count + 1) * width, width, dtype=np.int64)
+    return pa.Array.from_buffers(
+        pa.large_binary(), count, [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    )
+
+
+def _text_field(series: pl.Series) -> pa.Array:
+    """A text column as binary COPY fields: the length in bytes (-1: null), then the UTF-8."""
+    lengths = series.str.len_bytes().cast(pl.Int32).fill_null(-1).to_numpy().astype(">i4")
+    prefix = _fixed_binary(lengths.view(np.uint8), 4)
+    value = series.to_arrow().cast(pa.large_binary())
+    field = pc.binary_join_element_wise(prefix, value, pa.scalar(b"", pa.large_binary()))
+    return field if not series.has_nulls() else pc.if_else(value.is_null(), prefix, field)
 
 
 def _csv_chunks(frame: pl.DataFrame) -> Iterator[bytes]:

@@ -1,10 +1,11 @@
 """Publish: warehouse scores -> serving store (Postgres / SQLite) through SQLAlchemy."""
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
+import duckdb
 import sqlalchemy as sa
 
 from tutor_scoring_dagster.defs.partitions import daily_partitions
@@ -14,6 +15,8 @@ from tutor_scoring_dagster.paths import load_sql
 from tutor_scoring_dagster.store.errors import StoreSchemaError, explain
 from tutor_scoring_dagster.store.publish import (
     PublishStats,
+    StaleMark,
+    StoreMark,
     horizon_start,
     publish_current,
     publish_history,
@@ -50,6 +53,35 @@ def publish_metadata(stats: PublishStats) -> dict[str, dg.MetadataValue]:
     return meta
 
 
+MARK_KEY = "store_mark"
+LOADS_KEY = "published_loads"
+"""Metadata of a ``tutor_scores`` materialization: what its publish left in the store, and the
+warehouse loads it included (``load_id:count:fingerprint``, ``sql/loads_latest_select.sql``):
+the next publish ships only what later loads changed."""
+ALL_LOADS = 2**62
+
+
+def warehouse_loads(con: duckdb.DuckDBPyConnection, upto: int = ALL_LOADS) -> str:
+    """``load_id:count:fingerprint`` of the warehouse's loads up to ``upto``."""
+    row = query_frame(con, load_sql("loads_latest_select"), {"upto": upto}).row(0)
+    return ":".join(str(v) for v in row)
+
+
+def previous_publish(context: dg.AssetExecutionContext) -> tuple[StoreMark, str] | None:
+    """The store mark and loads of this asset's latest materialization, if it recorded them."""
+    event = context.instance.get_latest_materialization_event(context.asset_key)
+    materialization = event.asset_materialization if event is not None else None
+    if materialization is None:
+        return None
+    mark, loads = materialization.metadata.get(MARK_KEY), materialization.metadata.get(LOADS_KEY)
+    if mark is None or loads is None:
+        return None
+    try:
+        return StoreMark.from_json(str(mark.value)), str(loads.value)
+    except (TypeError, ValueError, KeyError):
+        return None
+
+
 @dg.asset(
     group_name="publish",
     kinds={"postgres", "sqlalchemy"},
@@ -58,30 +90,74 @@ def publish_metadata(stats: PublishStats) -> dict[str, dg.MetadataValue]:
     owners=["team:data"],
 )
 def tutor_scores(
-    warehouse: WarehouseResource, serving_store: ServingStoreResource
+    context: dg.AssetExecutionContext,
+    warehouse: WarehouseResource,
+    serving_store: ServingStoreResource,
 ) -> dg.MaterializeResult:
-    """The current snapshot in the serving store (`tutor_scores`, one row per tutor), with the
-    `tutors` it names and the `sessions` and `reschedules` of the last SERVING_HORIZON_DAYS
-    (0: all) behind it, published in one transaction. Only new and changed rows are written
-    (the metadata counts them); a re-run with the same input changes no row."""
+    """The current snapshot in the serving store (`tutor_scores`, one row per tutor, with its
+    risk tiers), the drivers of its flagged tutors (`tutor_risk_drivers`), the `tutors` it
+    names and the `sessions` and `reschedules` of the last SERVING_HORIZON_DAYS (0: all)
+    behind it, published in one transaction. Only new and changed rows are written
+    (the metadata counts them); a re-run with the same input changes no row. When the store is
+    still as this asset's last materialization left it, only the sessions and reschedules of
+    the loads since are read and shipped (`delta`); else the whole horizon is mirrored. The
+    warehouse must still hold exactly the loads that publish included (not a rebuilt one)."""
+    previous = previous_publish(context)
     with warehouse.connect(read_only=True) as con:
         scores = query_frame(con, load_sql("tutor_scores_current_select"))
+        drivers = query_frame(con, load_sql("tutor_risk_drivers_current_select"))
         start = horizon_start(scores, serving_store.horizon(), now=datetime.now(UTC))
         since = start or datetime(1970, 1, 1, tzinfo=UTC)
+        loads = warehouse_loads(con)
         tutors = query_frame(con, load_sql("tutors_current_select"))
-        sessions = query_frame(con, load_sql("sessions_recent_select"), {"since": since})
-        reschedules = query_frame(con, load_sql("reschedules_recent_select"), {"since": since})
+        after_load = int(previous[1].split(":")[0]) if previous is not None else 0
+        if previous is not None and warehouse_loads(con, after_load) != previous[1]:
+            previous = None  # another warehouse, or its loads changed: mirror the horizon
+        if previous is not None:
+            after: dict[str, object] = {"after": after_load}
+            sessions = query_frame(con, load_sql("sessions_changed_select"), after)
+            reschedules = query_frame(
+                con, load_sql("reschedules_changed_select"), {**after, "since": since}
+            )
     with store_errors_explained(serving_store.url()), serving_store.engine() as engine:
-        stats = publish_current(
-            engine,
-            tutors=tutors,
-            sessions=sessions,
-            reschedules=reschedules,
-            scores=scores,
-            horizon_start=start,
-            now=datetime.now(UTC),
-        )
-    return dg.MaterializeResult(metadata=publish_metadata(stats))
+        stats = None
+        if previous is not None:
+            with suppress(StaleMark):
+                stats = publish_current(
+                    engine,
+                    tutors=tutors,
+                    sessions=sessions,
+                    reschedules=reschedules,
+                    scores=scores,
+                    horizon_start=start,
+                    now=datetime.now(UTC),
+                    changed_since=previous[0],
+                    risk_drivers=drivers,
+                )
+        if stats is None:
+            with warehouse.connect(read_only=True) as con:  # one read: tutors cover sessions
+                loads = warehouse_loads(con)
+                tutors = query_frame(con, load_sql("tutors_current_select"))
+                sessions = query_frame(con, load_sql("sessions_recent_select"), {"since": since})
+                reschedules = query_frame(
+                    con, load_sql("reschedules_recent_select"), {"since": since}
+                )
+            stats = publish_current(
+                engine,
+                tutors=tutors,
+                sessions=sessions,
+                reschedules=reschedules,
+                scores=scores,
+                horizon_start=start,
+                now=datetime.now(UTC),
+                risk_drivers=drivers,
+            )
+    metadata = publish_metadata(stats)
+    metadata["delta"] = dg.MetadataValue.bool(stats.delta)
+    if stats.mark is not None:
+        metadata[MARK_KEY] = dg.MetadataValue.text(stats.mark.to_json())
+        metadata[LOADS_KEY] = dg.MetadataValue.text(loads)
+    return dg.MaterializeResult(metadata=metadata)
 
 
 @dg.asset(

@@ -1,0 +1,145 @@
+"""Risk tiers, drivers and actions through the pipeline (issue #11): `run --as-of T` stores the
+tiers the backtest replays for T, in SQLite and Postgres; the drivers of flagged tutors reach
+the store; every parameter is a setting."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import pytest
+import sqlalchemy as sa
+
+from tutor_scoring_dagster.assessment import AssessParams, assess_as_of, flagged_since
+from tutor_scoring_dagster.backtest import run_backtest
+from tutor_scoring_dagster.config import SETTINGS, Settings, load_settings
+from tutor_scoring_dagster.defs.jobs import run_pipeline
+from tutor_scoring_dagster.generate import generate_drops
+from tutor_scoring_dagster.risk_tiers import TierParams
+from tutor_scoring_dagster.scoring import RiskRule
+from tutor_scoring_dagster.warehouse import connect
+
+END = date(2026, 3, 1)
+AS_OF = datetime(2026, 3, 1, tzinfo=UTC)  # midnight: the snapshot the backtest replays for Feb 28
+HISTORY_DAYS = 10
+
+
+def land(home: Settings, tmp_path: Path) -> None:
+    """A generated quarter with every kind of tutor, one landing file per entity."""
+    generated = generate_drops(
+        tmp_path / "generated",
+        tutors=40,
+        days=120,
+        sessions_per_day=140,
+        end=END,
+        drops_per_day=1,
+        seed=5,
+    )
+    home.landing_dir.mkdir(parents=True)
+    for entity in ("tutors", "sessions", "reschedules"):
+        files = [f for f in generated.files if f.name.startswith(entity)]
+        frames = [pl.read_csv(f, infer_schema=False) for f in files]
+        pl.concat(frames, how="diagonal").write_csv(home.landing_dir / f"{entity}_all.csv")
+
+
+def stored(url: str, table: str) -> pl.DataFrame:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text(f"SELECT * FROM {table}")).mappings().all()
+    finally:
+        engine.dispose()
+    return pl.DataFrame([dict(r) for r in rows], infer_schema_length=None)
+
+
+def test_run_as_of_a_past_day_stores_the_tiers_the_backtest_replays(
+    home: Settings, tmp_path: Path, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", store_url)
+    land(home, tmp_path)
+    summary = run_pipeline(as_of=AS_OF, history_days=HISTORY_DAYS)
+    assert summary.success, summary.render()
+
+    first = END - timedelta(days=HISTORY_DAYS)
+    with connect(home.warehouse, read_only=True) as con:
+        replay = run_backtest(con, first, END - timedelta(days=1)).daily
+    columns = ["tutor_id", "day", "risk_tier", "risk_probability", "cusum_statistic"]
+    expected = replay.select(columns).sort("tutor_id", "day")
+    assert expected.filter(pl.col("risk_tier") == "high").height > 0
+    assert expected.filter(pl.col("risk_tier") == "watch").height > 0
+
+    current = stored(store_url, "tutor_scores").with_columns(
+        pl.lit(END - timedelta(days=1)).alias("day")
+    )
+    history = stored(store_url, "tutor_score_history").rename({"score_date": "day"})
+    if history.schema["day"] == pl.String:  # SQLite keeps dates as text
+        history = history.with_columns(pl.col("day").str.to_date())
+    for name, frame in (("tutor_scores", current), ("tutor_score_history", history)):
+        got = frame.select(columns).sort("tutor_id", "day")
+        want = expected.join(got.select("tutor_id", "day"), on=["tutor_id", "day"], how="semi")
+        assert got.height == want.height > 0, name
+        assert got.select("tutor_id", "day", "risk_tier").equals(
+            want.select("tutor_id", "day", "risk_tier")
+        ), name
+        for value in ("risk_probability", "cusum_statistic"):
+            diff = (got.get_column(value) - want.get_column(value)).abs().max()
+            assert diff is None or diff < 1e-9, (name, value)
+
+    # Flagged tutors have an action and their drivers are in the store; nobody else has either.
+    scores = stored(store_url, "tutor_scores")
+    flagged = scores.filter(pl.col("risk_tier").is_in(["high", "watch"]))
+    assert flagged.height > 0 and flagged.get_column("watch_since").null_count() == 0
+    assert (
+        scores.filter(pl.col("risk_tier").is_in(["ok", "insufficient_data"]))[
+            "recommended_action"
+        ].null_count()
+        == scores.height - flagged.height
+    )
+    drivers = stored(store_url, "tutor_risk_drivers")
+    assert set(drivers.get_column("tutor_id")) == set(flagged.get_column("tutor_id"))
+    assert set(drivers.get_column("driver")) >= {"reschedule_rate", "trend"}
+
+
+def test_tier_parameters_are_settings_with_the_calibrated_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    names = {s.env: s for s in SETTINGS}
+    for field in ("LEVEL", "CUSUM_H", "P0", "P1", "MIN_SESSIONS", "POSTERIOR_WINDOW_DAYS"):
+        assert f"RISK_TIER_{field}" in names, field
+    assert names["RISK_TIER_CUSUM_H"].default == str(TierParams().cusum_h)
+    assert "RISK_DRIVER_SHORT_NOTICE_HOURS" in names and "RISK_ACTIONS_FILE" in names
+    assert load_settings({}).assess.tiers == TierParams()
+
+    tuned = load_settings({"RISK_TIER_CUSUM_H": "4.5", "RISK_THRESHOLD": "0.2"}).assess
+    assert tuned.tiers.cusum_h == 4.5 and tuned.tiers.threshold == 0.2
+    with pytest.raises(ValueError, match="RISK_TIER_LEVEL must be a float"):
+        load_settings({"RISK_TIER_LEVEL": "high"})
+    with pytest.raises(ValueError, match="RISK_TIER_"):
+        load_settings({"RISK_TIER_LEVEL": "1.5"})
+
+
+def test_a_higher_alarm_limit_puts_fewer_tutors_on_watch(home: Settings, tmp_path: Path) -> None:
+    land(home, tmp_path)
+    summary = run_pipeline(as_of=AS_OF, history_days=1)
+    assert summary.success, summary.render()
+    with connect(home.warehouse, read_only=True) as con:
+        default = assess_as_of(con, AS_OF, RiskRule(), AssessParams()).scores
+        strict = assess_as_of(
+            con, AS_OF, RiskRule(), AssessParams(tiers=TierParams(cusum_h=50.0))
+        ).scores
+    watch = pl.col("risk_tier") == "watch"
+    assert default.filter(watch).height > strict.filter(watch).height
+    # The contract's rule is not the tier's: is_high_risk does not move with the tier settings.
+    assert default.get_column("is_high_risk").equals(strict.get_column("is_high_risk"))
+
+
+def test_flagged_since_reads_like_a_person_wrote_it() -> None:
+    as_of = datetime(2026, 3, 1, tzinfo=UTC)
+    assert flagged_since({"as_of": as_of, "watch_since": None}) == "not flagged"
+    assert flagged_since({"as_of": as_of, "watch_since": as_of - timedelta(days=3)}) == (
+        "since 2026-02-26"
+    )
+    assert flagged_since({"as_of": as_of, "watch_since": as_of - timedelta(days=30)}) == (
+        "for 30+ days"
+    )
