@@ -117,11 +117,8 @@ def install() -> None:
         # Daily activity: the partition range's rows deleted, new ones not yet inserted.
         on_connection(score_assets, "materialize_daily_activity", r"^INSERT INTO tutor_daily")
     elif POINT == "score-current":
-        # The current snapshot: old rows deleted, new ones not yet inserted (by whichever
-        # helper the asset replaces its tables with).
-        for name in ("replace_rows", "replace_tables"):
-            if hasattr(score_assets, name):
-                on_connection(score_assets, name, r"^INSERT INTO tutor_scores_current")
+        # The current snapshot (and its drivers): old rows deleted, new ones not yet inserted.
+        on_connection(score_assets, "replace_tables", r"^INSERT INTO tutor_scores_current")
     elif POINT == "publish-copy":
         # In the middle of COPY .. FROM STDIN into a staging table, whichever format (CSV or
         # binary) its chunks are in.
@@ -136,8 +133,7 @@ def install() -> None:
             return chunks
 
         for name in ("_csv_chunks", "_binary_chunks"):
-            if hasattr(publish, name):
-                setattr(publish, name, halved(getattr(publish, name)))
+            setattr(publish, name, halved(getattr(publish, name)))
     elif POINT == "publish-merge":
         # In the publish transaction: some tables upserted, the rest not.
         before(publish, "_merge")
