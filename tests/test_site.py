@@ -471,17 +471,17 @@ def test_dashboard_in_chromium(published: Settings, tmp_path: Path, browser: Bro
     page.screenshot(path=str(ARTIFACTS / "index.png"), full_page=True)
 
     # Sorting: numbers open highest first, a second click reverses; empty values stay last.
-    header = page.locator("#tutors thead th").nth(3)  # 30-day rate
+    header = page.locator("#tutors thead th").nth(4)  # 30-day rate (after status and tier)
     header.locator("button").click()
     assert header.get_attribute("aria-sort") == "descending"
-    values = [v for _, _, v in _column(page, 3)]
+    values = [v for _, _, v in _column(page, 4)]
     numbers = [float(v) for v in values if v]
     assert numbers == sorted(numbers, reverse=True) and values[len(numbers) :] == [""] * (
         len(values) - len(numbers)
     )
     header.locator("button").click()
     assert header.get_attribute("aria-sort") == "ascending"
-    values = [v for _, _, v in _column(page, 3)]
+    values = [v for _, _, v in _column(page, 4)]
     assert [float(v) for v in values if v] == sorted(numbers)
     name_header = page.locator("#tutors thead th").nth(0)
     name_header.locator("button").click()
@@ -568,6 +568,25 @@ def synthetic_site_data(tutors: int, days: int = 60, seed: int = 1) -> SiteData:
         pl.format("Tutor <{}> & co", pl.col("tutor_id")).alias("name"),
         pl.lit(True).alias("is_active"),
     )
+    # Risk tiers: high-risk tutors confirmed, every seventh other one on watch since yesterday.
+    watch = ~high.fill_null(False) & (pl.int_range(pl.len()) % 7 == 0)
+    flagged = high.fill_null(False) | watch
+    scores = scores.with_columns(
+        pl.when(high.fill_null(False))
+        .then(pl.lit("high"))
+        .when(watch)
+        .then(pl.lit("watch"))
+        .otherwise(pl.col("risk_status"))
+        .alias("risk_tier"),
+        pl.lit(rng.uniform(0, 1, tutors)).alias("risk_probability"),
+        pl.lit(rng.uniform(0, 4, tutors)).alias("cusum_statistic"),
+        pl.when(flagged).then(pl.col("as_of") - pl.duration(days=1)).alias("watch_since"),
+        pl.lit(False).alias("newly_flagged"),
+        pl.lit(2.0).alias("prior_alpha"),
+        pl.lit(18.0).alias("prior_beta"),
+        pl.when(flagged).then(pl.lit("<b>short notice</b>")).alias("top_drivers"),
+        pl.when(flagged).then(pl.lit("Talk & agree a plan")).alias("recommended_action"),
+    )
     day_list = [first + timedelta(days=d) for d in range(days)]
     history = pl.DataFrame(
         {
@@ -629,13 +648,13 @@ def test_a_long_index_is_paged_and_sorted_as_a_whole(tmp_path: Path, browser: Br
     assert page.locator("#more").text_content() == "Show 200 more"
 
     # Sorting orders every row, also those not displayed.
-    header = page.locator("#tutors thead th").nth(2)  # 7-day rate
+    header = page.locator("#tutors thead th").nth(3)  # 7-day rate (after status and tier)
     header.locator("button").click()
     rates = data.scores.get_column("reschedule_rate_7d").drop_nulls()
-    first_shown = float(visible.first.locator("td").nth(2).get_attribute("data-v") or "nan")
+    first_shown = float(visible.first.locator("td").nth(3).get_attribute("data-v") or "nan")
     assert first_shown == pytest.approx(rates.max()) and visible.count() == 200
     header.locator("button").click()
-    first_shown = float(visible.first.locator("td").nth(2).get_attribute("data-v") or "nan")
+    first_shown = float(visible.first.locator("td").nth(3).get_attribute("data-v") or "nan")
     assert first_shown == pytest.approx(rates.min())
 
     page.locator("#more").click()

@@ -379,9 +379,12 @@ with warehouse.connect(base / "w.duckdb") as con:
     r = ingest.ingest_file(
         con, path, archive_dir=base / "archive", quarantine_dir=base / "quarantine"
     )
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking pytest worker (its whole
+# resident set), while VmHWM is this process image's own high-water mark.
+status = Path("/proc/self/status").read_text()
+hwm_kb = int(next(x for x in status.splitlines() if x.startswith("VmHWM:")).split()[1])
 print(json.dumps({"outcome": r.outcome, "reason": r.reason, "rows": r.rows_loaded,
-                  "seconds": time.monotonic() - started,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))
+                  "seconds": time.monotonic() - started, "peak_mb": hwm_kb // 1024}))
 """
 ADDRESS_SPACE = 3 * 1024**3
 """The ingest process gets 3 GB of address space (a modest worker); importing Polars, DuckDB
