@@ -17,7 +17,7 @@ import duckdb
 import polars as pl
 import pytest
 
-from tutor_scoring_dagster import warehouse
+from tutor_scoring_dagster import scoring, warehouse
 from tutor_scoring_dagster.assessment import Assessment, AssessParams, reach_days
 from tutor_scoring_dagster.config import Settings
 from tutor_scoring_dagster.defs.partitions import daily_partitions
@@ -36,7 +36,13 @@ from tutor_scoring_dagster.defs.scores.checks import (
 from tutor_scoring_dagster.defs.scores.sensors import late_data_sensor
 from tutor_scoring_dagster.generate import generate_drops
 from tutor_scoring_dagster.ingest import ingest_landing
-from tutor_scoring_dagster.scoring import LATE_DATA_REACH_DAYS, affected_day_ranges
+from tutor_scoring_dagster.scoring import (
+    LATE_DATA_REACH_DAYS,
+    affected_day_ranges,
+    audit_score_parts,
+    audit_scores,
+    partition_as_of,
+)
 from tutor_scoring_dagster.warehouse import query_frame
 
 AS_OF = datetime(2024, 5, 20, 13, 0, tzinfo=UTC)
@@ -445,3 +451,37 @@ def test_late_data_sensor_waits_for_the_load_range_columns(home: Settings) -> No
     result = evaluate(home, None)
     assert isinstance(result, dg.SkipReason)
     assert "min/max_scheduled_time" in (result.skip_message or "")
+
+
+def test_the_daily_checks_read_a_long_range_a_chunk_at_a_time_with_the_same_findings(
+    wh: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, last = date(2024, 5, 10), date(2024, 5, 14)
+    result = dg.materialize(DAILY, resources=resources(wh), tags=range_tags(first, last))
+    assert result.success
+    tamper(
+        wh,
+        "DELETE FROM tutor_scores_daily WHERE as_of = TIMESTAMPTZ '2024-05-13 00:00:00+00' "
+        "AND tutor_id = (SELECT min(tutor_id) FROM tutor_scores_daily)",
+    )
+    instants = [partition_as_of(first + timedelta(days=i)) for i in range(5)]
+    scores = table(wh, "tutor_scores_daily")
+    with warehouse.connect(wh, read_only=True) as con:
+        whole = audit_scores(con, scores, instants)
+        monkeypatch.setattr(scoring, "CHUNK_DAYS", 2)
+        reads: list[int] = []
+
+        def rows_between(lo: datetime | None, hi: datetime | None) -> pl.DataFrame:
+            part = scores.filter(
+                (pl.col("as_of") >= (lo or instants[0]))
+                & (pl.col("as_of") < (hi or datetime.max.replace(tzinfo=UTC)))
+            )
+            reads.append(part.height)
+            return part
+
+        parts = audit_score_parts(con, instants, rows_between)
+    assert len(reads) == 3 and sum(reads) == scores.height  # every row read once, in 3 parts
+    assert [f.name for f in parts] == [f.name for f in whole]
+    for chunked, at_once in zip(parts, whole, strict=True):
+        assert chunked.failures.equals(at_once.failures), chunked.name
+    assert not next(f for f in parts if f.name == "counts_reconcile_with_sessions").passed

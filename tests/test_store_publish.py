@@ -368,14 +368,41 @@ def test_binary_copy_round_trips_every_type(pg_engine: sa.Engine) -> None:
     )
     with engine.begin() as conn:
         table.create(conn)
-        assert p._binary_columns(conn, table, frame) is not None
+        types = p._server_types(conn, table)
+        assert p._binary_columns(types, frame) is not None
         p._copy(conn, table, frame)
         stored = [tuple(r) for r in conn.execute(sa.select(table).order_by(table.c.k))]
         # Too big for its column: the frame goes as CSV, and Postgres says what is wrong.
-        assert p._binary_columns(conn, table, frame.with_columns(i=pl.lit(2**40))) is None
+        assert p._binary_columns(types, frame.with_columns(i=pl.lit(2**40))) is None
         table.drop(conn)
     for want, got in zip(frame.rows(), stored, strict=True):
         assert all(w == g or (w != w and g != g) for w, g in zip(want, got, strict=True)), got
+
+
+def test_a_copy_in_parts_and_in_key_order_sends_every_row_once(
+    pg_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames are ordered and encoded a part at a time (memory holds one part's copy): the
+    parts, in the order asked for, add up to the frame."""
+    monkeypatch.setattr(p, "PART_ROWS", 7)
+    monkeypatch.setattr(p, "BINARY_CHUNK_ROWS", 3)
+    table = sa.Table(
+        "parts_round_trip",
+        sa.MetaData(),
+        sa.Column("seq", sa.Integer, sa.Identity(), primary_key=True),
+        sa.Column("k", sa.Integer),
+        sa.Column("s", sa.Text),
+    )
+    frame = pl.DataFrame(
+        {"k": list(range(50, 0, -1)), "s": [f"v{i}" if i % 4 else None for i in range(50)]}
+    )
+    order = frame.select(pl.arg_sort_by("k")).to_series()
+    with pg_engine.begin() as conn:
+        table.create(conn)
+        p._copy(conn, table, frame, order)
+        stored = conn.execute(sa.select(table.c.k, table.c.s).order_by(table.c.seq)).all()
+        table.drop(conn)
+    assert [tuple(r) for r in stored] == frame.sort("k").rows()  # arrived in key order
 
 
 def changed_snapshot(data: dict[str, Any], start: datetime) -> tuple[dict[str, Any], pl.DataFrame]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Final
@@ -450,18 +451,35 @@ def audit_scores(
 
     Long ranges are checked :data:`CHUNK_DAYS` instants at a time (every row in exactly one
     chunk, by its as-of), with the same findings as at once."""
+
+    def rows_between(start: datetime | None, end: datetime | None) -> pl.DataFrame:
+        inside = pl.lit(True)
+        if start is not None:
+            inside &= pl.col("as_of") >= start
+        if end is not None:
+            inside &= pl.col("as_of") < end
+        return scores.filter(inside)
+
+    return audit_score_parts(con, instants, rows_between)
+
+
+def audit_score_parts(
+    con: duckdb.DuckDBPyConnection,
+    instants: list[datetime],
+    rows_between: Callable[[datetime | None, datetime | None], pl.DataFrame],
+) -> list[Finding]:
+    """:func:`audit_scores` of the rows ``rows_between(start, end)`` returns (``start <=
+    as_of < end``; None: unbounded), read :data:`CHUNK_DAYS` instants at a time, so that a
+    long range is never in memory at once."""
     utc = sorted({as_utc(t) for t in instants})
     if len(utc) <= CHUNK_DAYS:
-        return _audit_chunk(con, scores, instants)
+        return _audit_chunk(con, rows_between(None, None), instants)
     parts: list[list[Finding]] = []
     for i in range(0, len(utc), CHUNK_DAYS):
         chunk = utc[i : i + CHUNK_DAYS]
-        inside = pl.lit(True)
-        if i > 0:
-            inside &= pl.col("as_of") >= chunk[0]
-        if i + CHUNK_DAYS < len(utc):
-            inside &= pl.col("as_of") < utc[i + CHUNK_DAYS]
-        parts.append(_audit_chunk(con, scores.filter(inside), chunk))
+        start = chunk[0] if i > 0 else None
+        end = utc[i + CHUNK_DAYS] if i + CHUNK_DAYS < len(utc) else None
+        parts.append(_audit_chunk(con, rows_between(start, end), chunk))
     findings = []
     for j, name in enumerate(AUDITS):
         failures = pl.concat([part[j].failures for part in parts], how="vertical_relaxed")

@@ -31,7 +31,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
@@ -87,6 +87,8 @@ BINARY_FORMATS: Final[dict[pl.DataType, str]] = {
 """numpy's big-endian format of each physical column type of ``_binary_columns``."""
 DIRECT_COPY_MIN_ROWS: Final = 100_000
 """Rows from which a frame replacing nothing is copied straight into its table (Postgres)."""
+PART_ROWS: Final = 1_000_000
+"""Rows put in order and made binary at a time by ``_copy``: memory holds one part's copy."""
 
 Columns: TypeAlias = sa.ColumnCollection[str, sa.ColumnElement[Any]]
 
@@ -433,14 +435,15 @@ def _copy_direct(
     # In key order, each row's primary key entry goes next to the previous one: the index is
     # filled page by page instead of every page being revisited for each day.
     keys = [c.name for c in table.primary_key.columns]
-    rows = frame.sort(keys).with_columns(pl.lit(now).alias(stamp.name))
+    order = frame.select(pl.arg_sort_by(keys)).to_series()  # indices: no sorted copy of it all
+    rows = frame.with_columns(pl.lit(now).alias(stamp.name))
     deferred_keys = list(table.foreign_key_constraints) if table_empty else []
     deferred_indexes = list(table.indexes) if table_empty else []
     for fk in deferred_keys:
         conn.execute(sa.schema.DropConstraint(fk))
     for index in deferred_indexes:
         conn.execute(sa.schema.DropIndex(index))
-    _copy(conn, table, rows)
+    _copy(conn, table, rows, order)
     for index in deferred_indexes:
         conn.execute(sa.schema.CreateIndex(index))
     for fk in deferred_keys:
@@ -496,22 +499,47 @@ def _stage(conn: Connection, table: sa.Table, frame: pl.DataFrame) -> sa.Table:
     return stage
 
 
-def _copy(conn: Connection, stage: sa.Table, frame: pl.DataFrame) -> None:
-    """Bulk-load ``frame`` into ``stage`` (a staging table, or a table being filled directly)
-    with ``COPY .. FROM STDIN``, in chunks: in Postgres's binary format when every column has
-    a binary encoding here (no text parsing on the server: several times cheaper for numbers
-    and timestamps), else in CSV."""
+def _copy(
+    conn: Connection, stage: sa.Table, frame: pl.DataFrame, order: pl.Series | None = None
+) -> None:
+    """Bulk-load ``frame`` (its rows in ``order``, indices, when given) into ``stage`` (a
+    staging table, or a table being filled directly) with ``COPY .. FROM STDIN``, in chunks:
+    in Postgres's binary format when every column has a binary encoding here (no text parsing
+    on the server: several times cheaper for numbers and timestamps), else in CSV. Rows are
+    ordered and encoded :data:`PART_ROWS` at a time, so memory holds one part's copy, not the
+    frame's."""
     quote = conn.dialect.identifier_preparer.quote
-    physical = _binary_columns(conn, stage, frame)
-    fmt = "csv" if physical is None else "binary"
-    columns = frame.columns if physical is None else physical.columns
+    server_types = _server_types(conn, stage)
+
+    def part(offset: int) -> pl.DataFrame:
+        if order is None:
+            return frame.slice(offset, PART_ROWS)
+        return frame[order.slice(offset, PART_ROWS)]
+
+    first = _binary_columns(server_types, part(0)) if frame.height else None
+    fmt = "csv" if first is None else "binary"
+    columns = frame.columns if first is None else first.columns
     # Identifiers only (a table of tables.py or its stage, and its column names), quoted by the
     # dialect, and one of two format keywords; COPY takes no bound parameters.
     statement = (
         f"COPY {quote(stage.name)} ({', '.join(quote(c) for c in columns)}) "  # noqa: S608, RUF100
         f"FROM STDIN (FORMAT {fmt})"
     )
-    chunks = _csv_chunks(frame) if physical is None else _binary_chunks(physical)
+    if first is None:
+        chunks: Iterator[bytes | memoryview] = _csv_chunks(frame if order is None else frame[order])
+    else:
+
+        def parts() -> Iterator[pl.DataFrame]:
+            yield first
+            for offset in range(PART_ROWS, frame.height, PART_ROWS):
+                physical = _binary_columns(server_types, part(offset))
+                if physical is None or physical.columns != first.columns:
+                    # A value that does not fit its column (an integer too big): Postgres
+                    # would refuse it in any format.
+                    raise ValueError(f"rows {offset}.. of {stage.name} do not fit its columns")
+                yield physical
+
+        chunks = _binary_chunks(parts())
     driver = conn.connection.driver_connection
     assert isinstance(driver, psycopg.Connection)
     try:
@@ -522,13 +550,10 @@ def _copy(conn: Connection, stage: sa.Table, frame: pl.DataFrame) -> None:
         raise sa.exc.DBAPIError.instance(statement, None, exc, psycopg.Error) from exc
 
 
-def _binary_columns(conn: Connection, target: sa.Table, frame: pl.DataFrame) -> pl.DataFrame | None:
-    """``frame``'s columns as the values Postgres's binary COPY format carries, by the type
-    each has in ``target`` on the server (integers, floats, booleans 0/1, dates as days and
-    timestamps as microseconds since 2000-01-01; text), fixed-width columns first; None when a
-    column has no such encoding here (or its values do not fit): the frame goes as CSV."""
-    if frame.height == 0:
-        return None
+def _server_types(conn: Connection, target: sa.Table) -> dict[str, str]:
+    """Each column of ``target`` on the server (Postgres) and its type's name."""
+    if conn.dialect.name != "postgresql":
+        return {}
     rows = conn.execute(
         sa.text(
             "SELECT attname, format_type(atttypid, NULL) FROM pg_attribute "
@@ -536,7 +561,16 @@ def _binary_columns(conn: Connection, target: sa.Table, frame: pl.DataFrame) -> 
         ),
         {"name": conn.dialect.identifier_preparer.quote(target.name)},
     )
-    server_types = {str(name): str(kind) for name, kind in rows}
+    return {str(name): str(kind) for name, kind in rows}
+
+
+def _binary_columns(server_types: dict[str, str], frame: pl.DataFrame) -> pl.DataFrame | None:
+    """``frame``'s columns as the values Postgres's binary COPY format carries, by the type
+    each has on the server (``server_types``: integers, floats, booleans 0/1, dates as days and
+    timestamps as microseconds since 2000-01-01; text), fixed-width columns first; None when a
+    column has no such encoding here (or its values do not fit): the frame goes as CSV."""
+    if frame.height == 0:
+        return None
     exprs = []
     for name, dtype in frame.schema.items():
         expr = _binary_value(pl.col(name), server_types.get(name, ""), dtype)
@@ -574,22 +608,21 @@ def _binary_value(col: pl.Expr, server_type: str, dtype: pl.DataType) -> pl.Expr
     return None
 
 
-def _binary_chunks(physical: pl.DataFrame) -> Iterator[bytes | memoryview]:
-    """``physical`` (from ``_binary_columns``) in Postgres's binary COPY format, a chunk at a
-    time; the next chunk is encoded (mostly without the GIL) while this one is sent."""
-    offsets = iter(range(0, physical.height, BINARY_CHUNK_ROWS))
+def _binary_chunks(parts: Iterable[pl.DataFrame]) -> Iterator[bytes | memoryview]:
+    """``parts`` (each from ``_binary_columns``, same columns) in Postgres's binary COPY
+    format, a chunk at a time; the next chunk is encoded (mostly without the GIL) while this
+    one is sent."""
+    slices = (
+        physical.slice(offset, BINARY_CHUNK_ROWS)
+        for physical in parts
+        for offset in range(0, physical.height, BINARY_CHUNK_ROWS)
+    )
     yield BINARY_SIGNATURE
     with ThreadPoolExecutor(max_workers=1) as encoder:
-        ahead = [
-            encoder.submit(_binary_chunk, physical.slice(offset, BINARY_CHUNK_ROWS))
-            for offset in islice(offsets, 1)
-        ]
+        ahead = [encoder.submit(_binary_chunk, piece) for piece in islice(slices, 1)]
         while ahead:
             chunk = ahead.pop().result()
-            ahead += [
-                encoder.submit(_binary_chunk, physical.slice(offset, BINARY_CHUNK_ROWS))
-                for offset in islice(offsets, 1)
-            ]
+            ahead += [encoder.submit(_binary_chunk, piece) for piece in islice(slices, 1)]
             yield chunk
     yield BINARY_TRAILER
 

@@ -11,7 +11,14 @@ import polars as pl
 from tutor_scoring_dagster.defs.resources import WarehouseResource
 from tutor_scoring_dagster.defs.scores.assets import tutor_scores_current, tutor_scores_daily
 from tutor_scoring_dagster.paths import load_sql
-from tutor_scoring_dagster.scoring import AUDITS, Finding, as_utc, audit_scores, partition_as_of
+from tutor_scoring_dagster.scoring import (
+    AUDITS,
+    Finding,
+    as_utc,
+    audit_score_parts,
+    audit_scores,
+    partition_as_of,
+)
 from tutor_scoring_dagster.warehouse import fetch_one, query_frame
 
 SAMPLE_ROWS = 10
@@ -76,7 +83,7 @@ def tutor_scores_daily_checks(
     warehouse: one row per tutor per day, rates consistent with counts, known tutors, and
     counts equal to an independent count of the sessions."""
     instants: list[datetime] = []
-    scores = pl.DataFrame()
+    rows_checked = 0
     with warehouse.connect(read_only=True) as con:
         days = _checked_days(context, con)
         if days is not None:
@@ -85,17 +92,25 @@ def tutor_scores_daily_checks(
                 partition_as_of(first_day + timedelta(days=i))
                 for i in range((last_day - first_day).days + 1)
             ]
-            scores = query_frame(
-                con,
-                load_sql("tutor_scores_daily_range_select"),
-                {"start": instants[0], "end": partition_as_of(last_day + timedelta(days=1))},
-            )
-            findings = audit_scores(con, scores, instants)
+            end = partition_as_of(last_day + timedelta(days=1))
+
+            def rows_between(lo: datetime | None, hi: datetime | None) -> pl.DataFrame:
+                nonlocal rows_checked
+                # A range is read a chunk of days at a time: years of rows never at once.
+                scores = query_frame(
+                    con,
+                    load_sql("tutor_scores_daily_range_select"),
+                    {"start": lo or instants[0], "end": hi or end},
+                )
+                rows_checked += scores.height
+                return scores
+
+            findings = audit_score_parts(con, instants, rows_between)
         else:  # nothing stored yet: nothing to check
             findings = [Finding(name, pl.DataFrame()) for name in AUDITS]
     checked = {
         "snapshots_checked": dg.MetadataValue.int(len(instants)),
-        "rows_checked": dg.MetadataValue.int(scores.height),
+        "rows_checked": dg.MetadataValue.int(rows_checked),
     }
     yield from _results(tutor_scores_daily, findings, checked)
 
