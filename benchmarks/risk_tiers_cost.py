@@ -38,7 +38,8 @@ import duckdb
 
 from tutor_scoring_dagster.backtest import run_backtest
 from tutor_scoring_dagster.generate import generate_drops
-from tutor_scoring_dagster.risk_tiers import TierParams, risk_tiers_as_of
+from tutor_scoring_dagster.params import TierParams
+from tutor_scoring_dagster.risk_tiers import risk_tiers_as_of
 
 LOAD_SQL = """
 SET TimeZone = 'UTC';

@@ -11,12 +11,12 @@ import polars as pl
 import pytest
 import sqlalchemy as sa
 
-from tutor_scoring_dagster.assessment import AssessParams, assess_as_of, flagged_since
+from tutor_scoring_dagster.assessment import assess_as_of, flagged_since
 from tutor_scoring_dagster.backtest import run_backtest
 from tutor_scoring_dagster.config import SETTINGS, Settings, load_settings
 from tutor_scoring_dagster.defs.jobs import run_pipeline
 from tutor_scoring_dagster.generate import generate_drops
-from tutor_scoring_dagster.risk_tiers import TierParams
+from tutor_scoring_dagster.params import AssessParams, TierParams
 from tutor_scoring_dagster.scoring import RiskRule
 from tutor_scoring_dagster.warehouse import connect
 

@@ -18,7 +18,7 @@ import polars as pl
 import pytest
 
 from tutor_scoring_dagster import scoring, warehouse
-from tutor_scoring_dagster.assessment import Assessment, AssessParams, reach_days
+from tutor_scoring_dagster.assessment import Assessment, reach_days
 from tutor_scoring_dagster.config import Settings
 from tutor_scoring_dagster.defs.partitions import daily_partitions
 from tutor_scoring_dagster.defs.resources import RiskRuleResource, WarehouseResource
@@ -36,6 +36,7 @@ from tutor_scoring_dagster.defs.scores.checks import (
 from tutor_scoring_dagster.defs.scores.sensors import late_data_sensor
 from tutor_scoring_dagster.generate import generate_drops
 from tutor_scoring_dagster.ingest import ingest_landing
+from tutor_scoring_dagster.params import AssessParams
 from tutor_scoring_dagster.scoring import (
     LATE_DATA_REACH_DAYS,
     affected_day_ranges,

@@ -12,9 +12,8 @@ its :class:`~tutor_scoring_dagster.schemas.TutorRiskTiers` columns (``score_row_
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -22,13 +21,12 @@ import pandera.polars as pa
 import polars as pl
 
 from tutor_scoring_dagster.drivers import (
-    RULES_PATH,
-    DriverParams,
     compute_drivers,
     load_action_rules,
     recommend_actions,
 )
-from tutor_scoring_dagster.risk_tiers import TierParams, read_session_events, risk_tiers_for_days
+from tutor_scoring_dagster.params import AssessParams
+from tutor_scoring_dagster.risk_tiers import read_session_events, risk_tiers_for_days
 from tutor_scoring_dagster.schemas import (
     FLAGGED_TIERS,
     TutorRiskDrivers,
@@ -51,21 +49,6 @@ KEYS = ["tutor_id", "as_of"]
 WATCH_SINCE_REACH_DAYS = 30
 """How far back ``watch_since`` looks for the start of a warning: an older start shows as
 ``as_of`` minus this, so a row is the same whichever range of days a run computed."""
-
-
-@dataclass(frozen=True)
-class AssessParams:
-    """How tiers, drivers and actions are judged (every field configurable, see config.py)."""
-
-    tiers: TierParams = field(default_factory=TierParams)
-    drivers: DriverParams = field(default_factory=DriverParams)
-    rules_path: Path = RULES_PATH
-
-    def with_threshold(self, threshold: float) -> AssessParams:
-        """These parameters judging ``threshold`` (the contract's RISK_THRESHOLD); the
-        posterior needs a rate strictly between 0 and 1 to test against."""
-        rate = min(max(threshold, 1e-6), 1 - 1e-6)
-        return replace(self, tiers=replace(self.tiers, threshold=rate))
 
 
 @dataclass(frozen=True)

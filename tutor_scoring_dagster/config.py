@@ -16,9 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from tutor_scoring_dagster.assessment import AssessParams
-from tutor_scoring_dagster.drivers import RULES_PATH, DriverParams
-from tutor_scoring_dagster.risk_tiers import TierParams
+from tutor_scoring_dagster.params import RULES_PATH, AssessParams, DriverParams, TierParams
 
 
 @dataclass(frozen=True)

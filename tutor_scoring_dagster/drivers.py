@@ -19,14 +19,13 @@ when the reference is zero. Recommended actions come from a reviewed rule table 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import pandera.polars as pa
 import polars as pl
 
-from tutor_scoring_dagster.paths import RESOURCE_ROOT
+from tutor_scoring_dagster.params import RULES_PATH, DriverParams
 from tutor_scoring_dagster.risk_tiers import (
     FLAGGED_TIERS,
     UTC_US,
@@ -35,7 +34,6 @@ from tutor_scoring_dagster.risk_tiers import (
 )
 
 DRIVERS: Final = ("short_notice", "reason_code", "no_show", "reschedule_rate", "trend")
-RULES_PATH: Final = RESOURCE_ROOT / "rules" / "recommended_actions.csv"
 _POPULATION: Final = "\x00population"  # a tutor id no export can hold: the whole population
 
 DRIVER_SCHEMA: Final[dict[str, pl.DataType]] = {
@@ -69,31 +67,6 @@ ACTION_SCHEMA: Final[dict[str, pl.DataType]] = {
     "action_priority": pl.Int64(),
 }
 """Rows of :func:`recommend_actions`: one per flagged tutor and instant."""
-
-
-@dataclass(frozen=True)
-class DriverParams:
-    """Windows and cut-offs of the drivers."""
-
-    window_days: int = 30
-    """Window of short notice, reason, no-show and reschedule rate: recent enough to act on."""
-    trend_recent_days: int = 7
-    trend_baseline_days: int = 83
-    """The trend's reference: these days before the recent ones (7 + 83 = the 90-day window)."""
-    short_notice_hours: float = 24.0
-    lift_floor: float = 0.01
-    """References below this count as this in ``lift`` (1 percentage point)."""
-
-    def __post_init__(self) -> None:
-        if min(self.window_days, self.trend_recent_days, self.trend_baseline_days) < 1:
-            raise ValueError("driver windows must be at least one day")
-        if self.short_notice_hours <= 0 or not 0 < self.lift_floor < 1:
-            raise ValueError("short_notice_hours must be positive and lift_floor in (0, 1)")
-
-    @property
-    def lookback_days(self) -> int:
-        """Days of sessions before an instant that its drivers read."""
-        return max(self.window_days, self.trend_recent_days + self.trend_baseline_days)
 
 
 class ActionRule(pa.DataFrameModel):

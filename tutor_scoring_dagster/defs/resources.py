@@ -12,9 +12,9 @@ from pydantic import Field
 from sqlalchemy.engine import Engine
 
 from tutor_scoring_dagster import warehouse
-from tutor_scoring_dagster.assessment import AssessParams
 from tutor_scoring_dagster.config import Settings, load_settings
 from tutor_scoring_dagster.delivery import EmailSender, sender_from_settings
+from tutor_scoring_dagster.params import AssessParams
 from tutor_scoring_dagster.scoring import RiskRule
 from tutor_scoring_dagster.store.publish import create_store_engine
 
