@@ -41,6 +41,7 @@ from tutor_scoring_dagster.scoring import (
     ScoresInvalid,
     as_utc,
     day_offset,
+    day_start,
     score_snapshots,
     snapshot_day,
 )
@@ -81,6 +82,17 @@ def assess(
     sessions. A scored tutor the detector has no row for is ``insufficient_data``. Without
     ``with_drivers`` only the tiers and their evidence are judged (``top_drivers`` and
     ``recommended_action`` stay empty): drivers cost more than tiers over a long history."""
+    events = None
+    if with_drivers:
+        # One read for both: the tiers' reach (from the first day watch_since looks at) and
+        # the drivers' (from the first snapshot), whichever is longer.
+        first_instant = day_start(first_day - timedelta(days=WATCH_SINCE_REACH_DAYS - 1), offset)
+        reach = max(params.tiers.lookback_days, params.drivers.lookback_days)
+        events = read_session_events(
+            con,
+            start=first_instant - timedelta(days=reach),
+            end=day_start(last_day + timedelta(days=1), offset),
+        )
     tiers = risk_tiers_for_days(
         con,
         first_day,
@@ -88,6 +100,7 @@ def assess(
         params.tiers,
         offset=offset,
         since_lookback_days=WATCH_SINCE_REACH_DAYS,
+        events=events,
     ).with_columns(
         pl.when(pl.col("watch_since").is_not_null())
         .then(
@@ -99,13 +112,7 @@ def assess(
     )
     flagged = tiers.filter(pl.col("risk_tier").is_in(FLAGGED_TIERS))
     drivers = pl.DataFrame(schema=model_schema(TutorRiskDrivers))
-    if with_drivers and flagged.height:
-        newest = flagged.get_column("as_of").max()
-        oldest = flagged.get_column("as_of").min()
-        assert isinstance(newest, datetime) and isinstance(oldest, datetime)
-        events = read_session_events(
-            con, start=oldest - timedelta(days=params.drivers.lookback_days), end=newest
-        )
+    if events is not None and flagged.height:
         drivers = compute_drivers(events, flagged, params.drivers).select(
             list(model_schema(TutorRiskDrivers))
         )

@@ -371,14 +371,22 @@ def tiers_from_evidence(evidence: pl.DataFrame, params: TierParams) -> pl.DataFr
 
 
 def risk_tiers_for_instants(
-    con: duckdb.DuckDBPyConnection, instants: Sequence[datetime], params: TierParams
+    con: duckdb.DuckDBPyConnection,
+    instants: Sequence[datetime],
+    params: TierParams,
+    *,
+    events: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Tier rows for every tutor scored at each of ``instants`` (consecutive days for
-    ``watch_since`` to mean "since"), from the warehouse's sessions."""
+    ``watch_since`` to mean "since"), from the warehouse's sessions: ``events`` when the
+    caller has read them already (at least the :attr:`TierParams.lookback_days` days before
+    the first instant, up to the last)."""
     if not instants:
         return pl.DataFrame(schema=TIER_SCHEMA)
     first, last = min(instants), max(instants)
-    events = read_session_events(con, start=first - timedelta(days=params.lookback_days), end=last)
+    if events is None:
+        start = first - timedelta(days=params.lookback_days)
+        events = read_session_events(con, start=start, end=last)
     markers = as_of_markers(read_first_sessions(con, end=last), instants)
     return compute_risk_tiers(events, markers, params)
 
@@ -391,18 +399,20 @@ def risk_tiers_for_days(
     *,
     offset: timedelta = timedelta(0),
     since_lookback_days: int = 30,
+    events: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Tier rows as of the end of each day ``first_day..last_day`` (days start ``offset``
     after midnight UTC, as in scoring.py): one row per scored tutor and day.
 
     ``watch_since`` looks back ``since_lookback_days`` days before ``first_day`` at most; a run
-    that started earlier shows the start of that lookback.
+    that started earlier shows the start of that lookback. ``events``: as in
+    :func:`risk_tiers_for_instants`, from the first of those days on.
     """
     days = pl.date_range(
         first_day - timedelta(days=since_lookback_days), last_day, "1d", eager=True
     ).to_list()
     instants = [day_start(d + timedelta(days=1), offset) for d in days]
-    tiers = risk_tiers_for_instants(con, instants, params)
+    tiers = risk_tiers_for_instants(con, instants, params, events=events)
     return tiers.filter(pl.col("as_of") >= day_start(first_day + timedelta(days=1), offset))
 
 
