@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import duckdb
+import polars as pl
 import sqlalchemy as sa
 
 from tutor_scoring_dagster.defs.partitions import daily_partitions
@@ -120,20 +121,29 @@ def tutor_scores(
                 con, load_sql("reschedules_changed_select"), {**after, "since": since}
             )
     with store_errors_explained(serving_store.url()), serving_store.engine() as engine:
+
+        def publish(
+            tutors: pl.DataFrame,
+            sessions: pl.DataFrame,
+            reschedules: pl.DataFrame,
+            changed_since: StoreMark | None = None,
+        ) -> PublishStats:
+            return publish_current(
+                engine,
+                tutors=tutors,
+                sessions=sessions,
+                reschedules=reschedules,
+                scores=scores,
+                horizon_start=start,
+                now=datetime.now(UTC),
+                changed_since=changed_since,
+                risk_drivers=drivers,
+            )
+
         stats = None
         if previous is not None:
             with suppress(StaleMark):
-                stats = publish_current(
-                    engine,
-                    tutors=tutors,
-                    sessions=sessions,
-                    reschedules=reschedules,
-                    scores=scores,
-                    horizon_start=start,
-                    now=datetime.now(UTC),
-                    changed_since=previous[0],
-                    risk_drivers=drivers,
-                )
+                stats = publish(tutors, sessions, reschedules, changed_since=previous[0])
         if stats is None:
             with warehouse.connect(read_only=True) as con:  # one read: tutors cover sessions
                 loads = warehouse_loads(con)
@@ -142,16 +152,7 @@ def tutor_scores(
                 reschedules = query_frame(
                     con, load_sql("reschedules_recent_select"), {"since": since}
                 )
-            stats = publish_current(
-                engine,
-                tutors=tutors,
-                sessions=sessions,
-                reschedules=reschedules,
-                scores=scores,
-                horizon_start=start,
-                now=datetime.now(UTC),
-                risk_drivers=drivers,
-            )
+            stats = publish(tutors, sessions, reschedules)
     metadata = publish_metadata(stats)
     metadata["delta"] = dg.MetadataValue.bool(stats.delta)
     if stats.mark is not None:
