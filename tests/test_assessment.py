@@ -10,6 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import sqlalchemy as sa
+from drops import one_file_per_entity
 
 from tutor_scoring_dagster.assessment import assess_as_of, flagged_since
 from tutor_scoring_dagster.backtest import run_backtest
@@ -36,11 +37,7 @@ def land(home: Settings, tmp_path: Path) -> None:
         drops_per_day=1,
         seed=5,
     )
-    home.landing_dir.mkdir(parents=True)
-    for entity in ("tutors", "sessions", "reschedules"):
-        files = [f for f in generated.files if f.name.startswith(entity)]
-        frames = [pl.read_csv(f, infer_schema=False) for f in files]
-        pl.concat(frames, how="diagonal").write_csv(home.landing_dir / f"{entity}_all.csv")
+    one_file_per_entity(generated.files, home.landing_dir)
 
 
 def stored(url: str, table: str) -> pl.DataFrame:

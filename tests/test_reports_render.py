@@ -10,9 +10,9 @@ import subprocess
 from datetime import UTC, date, datetime
 from pathlib import Path
 
-import polars as pl
 import pytest
 import sqlalchemy as sa
+from drops import one_file_per_entity
 from test_reports import bodies, read_outbox
 
 from tutor_scoring_dagster.config import Settings
@@ -82,11 +82,7 @@ def test_digest_and_alert_render_in_chromium(home: Settings, tmp_path: Path) -> 
         ground_truth_path=tmp_path / "truth.csv",
     )
     # One file per entity: ingesting 75 daily drops would triple the test's time.
-    home.landing_dir.mkdir(parents=True)
-    for entity in ("tutors", "sessions", "reschedules"):
-        files = [f for f in generated.files if f.name.startswith(entity)]
-        frames = [pl.read_csv(f, infer_schema=False) for f in files]
-        pl.concat(frames, how="diagonal").write_csv(home.landing_dir / f"{entity}_all.csv")
+    one_file_per_entity(generated.files, home.landing_dir)
     as_of = datetime(END.year, END.month, END.day, 12, tzinfo=UTC)
     summary = run_pipeline(as_of=as_of, history_days=56)
     assert summary.success, summary.render()

@@ -16,6 +16,7 @@ import dagster as dg
 import duckdb
 import polars as pl
 import pytest
+from drops import one_file_per_entity
 
 from tutor_scoring_dagster import scoring, warehouse
 from tutor_scoring_dagster.assessment import Assessment, reach_days
@@ -57,12 +58,7 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
         root / "generated", tutors=25, days=100, sessions_per_day=30, seed=5, end=date(2024, 5, 21)
     )
     landing = root / "landing"
-    landing.mkdir()
-    for entity in ("tutors", "sessions", "reschedules"):
-        frames = [
-            pl.read_csv(f, infer_schema=False) for f in drops.files if f.name.startswith(entity)
-        ]
-        pl.concat(frames, how="diagonal").write_csv(landing / f"{entity}_all.csv")
+    one_file_per_entity(drops.files, landing)
     path = root / "warehouse.duckdb"
     with warehouse.connect(path) as con:
         warehouse.ensure_schema(con)

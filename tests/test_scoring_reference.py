@@ -12,8 +12,8 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import pytest
+from drops import one_file_per_entity
 
 from tutor_scoring_dagster import warehouse
 from tutor_scoring_dagster.generate import generate_drops
@@ -46,15 +46,8 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         drops_per_day=1,
         defects=0.02,
     )
-    # One file per entity, rows in drop order: the same current state as dropping each file
-    # in turn (a later row supersedes an earlier one by updated_at, then by position), in a
-    # fraction of the time.
     landing = root / "landing"
-    landing.mkdir()
-    for entity in ("tutors", "sessions", "reschedules"):
-        files = [f for f in drops.files if f.name.startswith(entity)]
-        frames = [pl.read_csv(f, infer_schema=False) for f in files]
-        pl.concat(frames, how="diagonal").write_csv(landing / f"{entity}_all.csv")
+    one_file_per_entity(drops.files, landing)
     path = root / "warehouse.duckdb"
     with warehouse.connect(path) as con:
         warehouse.ensure_schema(con)
