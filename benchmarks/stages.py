@@ -607,6 +607,22 @@ def latency(plan: Plan) -> dict[str, Any]:
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     drops = []
     with dg.instance_for_test() as instance:
+
+        def run_requested(job: Any, requests: list[dg.RunRequest]) -> list[float]:
+            """Each request's run of ``job``, executed in-process as the daemon would launch
+            it; their wall times."""
+            return [
+                _timed(
+                    lambda r=request: job.execute_in_process(
+                        run_config={**r.run_config, **quiet},
+                        instance=instance,
+                        tags=r.tags,
+                        raise_on_error=True,
+                    )
+                )[1]
+                for request in requests
+            ]
+
         landing_cursor: str | None = None
         for k in range(plan.latency_drops):
             as_of = plan.as_of + timedelta(hours=2 + k)
@@ -627,16 +643,10 @@ def latency(plan: Plan) -> dict[str, Any]:
                 phases.append(Phase(f"landing_sensor tick {ticks}", seconds))
                 landing_cursor = found.cursor
                 requests = list(found.run_requests or [])
-            for request in requests:
-                _, seconds = _timed(
-                    lambda r=request: ingest_job.execute_in_process(
-                        run_config={**r.run_config, **quiet},
-                        instance=instance,
-                        tags=r.tags,
-                        raise_on_error=True,
-                    )
-                )
-                phases.append(Phase("landing_ingest_job run", seconds))
+            phases += [
+                Phase("landing_ingest_job run", seconds)
+                for seconds in run_requested(ingest_job, requests)
+            ]
             snapshot, seconds = _timed(
                 lambda a=as_of: dg.materialize(
                     [tutor_scores_current, tutor_scores_current_checks, tutor_scores],
@@ -655,16 +665,10 @@ def latency(plan: Plan) -> dict[str, Any]:
             due, seconds = _timed(lambda c=context: report_sensor(c))
             phases.append(Phase("report_sensor tick", seconds))
             reports = list(getattr(due, "run_requests", None) or [])
-            for request in reports:
-                _, seconds = _timed(
-                    lambda r=request: email_job.execute_in_process(
-                        run_config={**r.run_config, **quiet},
-                        instance=instance,
-                        tags=r.tags,
-                        raise_on_error=True,
-                    )
-                )
-                phases.append(Phase("email_reports_job run", seconds))
+            phases += [
+                Phase("email_reports_job run", seconds)
+                for seconds in run_requested(email_job, reports)
+            ]
             new = {n: t for n, t in _eml(settings.outbox_dir).items() if n not in before}
             drops.append(
                 {
