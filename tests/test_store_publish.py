@@ -6,13 +6,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import duckdb
 import polars as pl
 import pytest
 import sqlalchemy as sa
 import test_store_frames as f
 
+from tutor_scoring_dagster.paths import load_sql
+from tutor_scoring_dagster.schemas import score_row_schema
 from tutor_scoring_dagster.store import publish as p
 from tutor_scoring_dagster.store import tables as t
 from tutor_scoring_dagster.store.publish import (
@@ -21,6 +25,7 @@ from tutor_scoring_dagster.store.publish import (
     publish_current,
     publish_history,
 )
+from tutor_scoring_dagster.warehouse import ensure_schema, export_parts, replace_rows
 
 NOW = datetime(2026, 3, 1, 0, 5, tzinfo=UTC)
 STAMPS = {"updated_at", "last_calculated_at"}
@@ -283,6 +288,50 @@ def test_history_replaces_exactly_its_days(engine: sa.Engine) -> None:
             ).all()
         )
     assert list(per_day.values()) == [6, 6, 5, 6]
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["merged", "copied"])
+def test_history_in_parts_from_the_warehouse_is_the_history_whole(
+    engine: sa.Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    direct: bool,
+) -> None:
+    """A long backfill is exported from the warehouse in parts of whole tutors and published a
+    part at a time (memory holds one part): the store ends as with the whole frame, on the
+    staged merge and on the direct copy alike; parts that share keys are refused."""
+    first = date(2026, 2, 1)
+    days = f.history(7, first, 5)
+    con = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
+    ensure_schema(con)
+    replace_rows(con, "tutor_scores_daily", days.select(list(score_row_schema())))
+    window = {"start": datetime(2026, 2, 2, tzinfo=UTC), "end": datetime(2026, 2, 7, tzinfo=UTC)}
+    paths = export_parts(
+        con,
+        key_rows_sql=load_sql("tutor_scores_daily_tutor_rows_select"),
+        part_sql=load_sql("tutor_scores_daily_part_select"),
+        params=window,
+        folder=tmp_path,
+        part_rows=11,  # two tutors' 5 days a part (whole tutors: 10 rows), the last alone
+    )
+    con.close()
+    parts = p.FrameParts.from_parquet(paths)
+    assert (len(paths), parts.height) == (4, 35)
+    if direct:
+        monkeypatch.setattr(p, "DIRECT_COPY_MIN_ROWS", 1)
+    last = first + timedelta(4)
+    publish_history(engine, parts, first, last, now=NOW, tutors=f.tutors(7))
+    in_parts = dump(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.delete(t.tutor_score_history))
+    publish_history(engine, days, first, last, now=NOW)
+    assert dump(engine) == in_parts
+    assert len(in_parts["tutor_score_history"]) == 35
+
+    overlapping = p.FrameParts(parts.schema, 70, lambda: iter([days, days]))
+    with pytest.raises(ValueError, match="parts of tutor_score_history overlap"):
+        publish_history(engine, overlapping, first, last, now=NOW)
+    assert dump(engine) == in_parts
 
 
 def test_frames_that_cannot_be_published_are_refused_before_writing(engine: sa.Engine) -> None:

@@ -119,6 +119,39 @@ def query_frame(
     return frame
 
 
+def export_parts(
+    con: duckdb.DuckDBPyConnection,
+    *,
+    key_rows_sql: str,
+    part_sql: str,
+    params: dict[str, object],
+    folder: Path,
+    part_rows: int,
+) -> list[Path]:
+    """A query's result written to Parquet files in ``folder``, one per part of about
+    ``part_rows`` rows, so that a consumer can hold one part at a time.
+
+    ``key_rows_sql`` (with ``params``) returns each key's row count in key order; parts hold
+    whole keys, consecutive ranges of them. ``part_sql`` returns the rows of the keys from
+    ``$first_key`` to ``$last_key`` (with ``params``). Returns the files in key order.
+    """
+    counts = query_frame(con, key_rows_sql, params)
+    keys, rows = counts.get_column(counts.columns[0]), counts.get_column(counts.columns[1])
+    # Part i holds the keys whose cumulative rows end in [i * part_rows, (i + 1) * part_rows).
+    parts = counts.select(((rows.cum_sum() - 1) // part_rows).alias("part"), keys.alias("key"))
+    ranges = parts.group_by("part", maintain_order=True).agg(
+        pl.col("key").first().alias("first_key"), pl.col("key").last().alias("last_key")
+    )
+    bounds = list(ranges.iter_rows()) or [(0, None, None)]  # no rows: one empty part
+    paths = []
+    for i, (_, first_key, last_key) in enumerate(bounds):
+        path = folder / f"part-{i:05d}.parquet"
+        frame = query_frame(con, part_sql, {**params, "first_key": first_key, "last_key": last_key})
+        frame.write_parquet(path, compression="lz4", statistics=False)
+        paths.append(path)
+    return paths
+
+
 def quote_ident(name: str) -> str:
     """An SQL identifier, double-quoted (a quote in it doubled)."""
     return '"' + name.replace('"', '""') + '"'

@@ -31,7 +31,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
@@ -91,6 +91,41 @@ PART_ROWS: Final = 1_000_000
 """Rows put in order and made binary at a time by ``_copy``: memory holds one part's copy."""
 
 Columns: TypeAlias = sa.ColumnCollection[str, sa.ColumnElement[Any]]
+
+
+@dataclass(frozen=True)
+class FrameParts:
+    """A frame published a part at a time, so memory holds one part, not the frame: parts
+    hold consecutive, increasing ranges of their table's first key column (e.g. tutors), so
+    no key is in two of them; each part is checked for that as it is read."""
+
+    schema: pl.Schema
+    height: int
+    read: Callable[[], Iterator[pl.DataFrame]]
+    keys_checked: bool = False
+
+    @classmethod
+    def whole(cls, frame: pl.DataFrame, *, keys_checked: bool = False) -> FrameParts:
+        """``frame`` as one part."""
+        return cls(frame.schema, frame.height, lambda: iter((frame,)), keys_checked)
+
+    @classmethod
+    def from_parquet(cls, paths: list[Path]) -> FrameParts:
+        """The parts written to ``paths`` (e.g. by ``warehouse.export_parts``), read in order."""
+        if not paths:
+            raise ValueError("no parts: even an empty frame has one (for its columns)")
+        height = sum(pl.scan_parquet(p).select(pl.len()).collect().item() for p in paths)
+        schema = pl.scan_parquet(paths[0]).collect_schema()
+        return cls(schema, height, lambda: map(pl.read_parquet, paths))
+
+    @property
+    def columns(self) -> list[str]:
+        return self.schema.names()
+
+    def map(self, change: Callable[[pl.DataFrame], pl.DataFrame]) -> FrameParts:
+        """These parts with ``change`` made to each one (it must keep every row)."""
+        schema = change(pl.DataFrame(schema=self.schema)).schema
+        return FrameParts(schema, self.height, lambda: map(change, self.read()))
 
 
 @dataclass
@@ -322,7 +357,7 @@ def _drop_before(conn: Connection, start: datetime, leaving: list[str]) -> dict[
 
 def publish_history(
     engine: Engine,
-    scores: pl.DataFrame,
+    scores: pl.DataFrame | FrameParts,
     first_day: date,
     last_day: date,
     *,
@@ -331,18 +366,27 @@ def publish_history(
     auto_upgrade: bool = True,
 ) -> PublishStats:
     """Replace the stored daily snapshots of ``first_day..last_day`` with ``scores`` (the
-    snapshots as of the end of each day), adding or updating ``tutors`` first if given."""
-    frame = scores.with_columns(
-        (pl.col("as_of").dt.date() - pl.duration(days=1)).cast(pl.Date).alias("score_date")
-    )
-    outside = frame.filter(~pl.col("score_date").is_between(first_day, last_day))
-    if outside.height:
-        raise ValueError(
-            f"{outside.height} score rows fall outside the days {first_day}..{last_day} being "
-            f"replaced, e.g. {outside['score_date'][0]}"
+    snapshots as of the end of each day; a long range in parts of whole tutors, to hold one
+    part at a time), adding or updating ``tutors`` first if given."""
+
+    def history_rows(frame: pl.DataFrame) -> pl.DataFrame:
+        frame = frame.with_columns(
+            (pl.col("as_of").dt.date() - pl.duration(days=1)).cast(pl.Date).alias("score_date")
         )
-    frames = {} if tutors is None else {t.tutors: _to_table(tutors, t.tutors)}
-    frames[t.tutor_score_history] = _to_table(frame, t.tutor_score_history)
+        outside = frame.filter(~pl.col("score_date").is_between(first_day, last_day))
+        if outside.height:
+            raise ValueError(
+                f"{outside.height} score rows fall outside the days {first_day}..{last_day} "
+                f"being replaced, e.g. {outside['score_date'][0]}"
+            )
+        return _to_table(frame, t.tutor_score_history)
+
+    frames: dict[sa.Table, pl.DataFrame | FrameParts] = (
+        {} if tutors is None else {t.tutors: _to_table(tutors, t.tutors)}
+    )
+    frames[t.tutor_score_history] = (
+        scores.map(history_rows) if isinstance(scores, FrameParts) else history_rows(scores)
+    )
     in_range = t.tutor_score_history.c.score_date.between(first_day, last_day)
     return _publish(
         engine,
@@ -355,7 +399,7 @@ def publish_history(
 
 def _publish(
     engine: Engine,
-    frames: dict[sa.Table, pl.DataFrame],
+    frames: Mapping[sa.Table, pl.DataFrame | FrameParts],
     *,
     mirror: list[tuple[sa.Table, sa.ColumnElement[bool] | None]],
     now: datetime,
@@ -368,7 +412,14 @@ def _publish(
     ``scope`` (None: the whole table) that its frame lacks. Under the lock, ``guard`` runs
     before anything is written and ``finish`` after everything, in the same transaction."""
     for table, frame in frames.items():
-        _check_unique_keys(table, frame)
+        if isinstance(frame, pl.DataFrame):  # before the store is touched (parts: as read)
+            _check_unique_keys(table, frame)
+    parts = {
+        table: frame
+        if isinstance(frame, FrameParts)
+        else FrameParts.whole(frame, keys_checked=True)
+        for table, frame in frames.items()
+    }
     started = time.perf_counter()
     ensure_current(engine, auto_upgrade=auto_upgrade)
     stats = PublishStats()
@@ -381,15 +432,15 @@ def _publish(
         # Decided under the lock, before anything is written: what each frame replaces.
         direct = {
             table: empty
-            for table, frame in frames.items()
+            for table, frame in parts.items()
             if (empty := _replaces_nothing(conn, table, frame, scopes.get(table))) is not None
         }
         stages = {
             table: _stage(conn, table, frame)
-            for table, frame in frames.items()
+            for table, frame in parts.items()
             if table not in direct
         }
-        for table, frame in frames.items():
+        for table, frame in parts.items():
             stats.staged[table.name] = frame.height
             if table in direct:
                 stats.written[table.name] = _copy_direct(conn, table, frame, now, direct[table])
@@ -410,7 +461,7 @@ def _publish(
 def _replaces_nothing(
     conn: Connection,
     table: sa.Table,
-    frame: pl.DataFrame,
+    frame: FrameParts,
     scope: sa.ColumnElement[bool] | None,
 ) -> bool | None:
     """For a big frame on Postgres whose table holds no row in ``scope`` (None: anywhere):
@@ -427,23 +478,23 @@ def _replaces_nothing(
 
 
 def _copy_direct(
-    conn: Connection, table: sa.Table, frame: pl.DataFrame, now: datetime, table_empty: bool
+    conn: Connection, table: sa.Table, frame: FrameParts, now: datetime, table_empty: bool
 ) -> int:
     """Copy ``frame``, stamped ``now``, straight into ``table`` (which holds none of its keys);
     into an empty table with its foreign keys and secondary indexes made after the copy."""
     stamp = next(c for c in table.columns if c.name in STAMPS)
-    # In key order, each row's primary key entry goes next to the previous one: the index is
-    # filled page by page instead of every page being revisited for each day.
     keys = [c.name for c in table.primary_key.columns]
-    order = frame.select(pl.arg_sort_by(keys)).to_series()  # indices: no sorted copy of it all
-    rows = frame.with_columns(pl.lit(now).alias(stamp.name))
     deferred_keys = list(table.foreign_key_constraints) if table_empty else []
     deferred_indexes = list(table.indexes) if table_empty else []
     for fk in deferred_keys:
         conn.execute(sa.schema.DropConstraint(fk))
     for index in deferred_indexes:
         conn.execute(sa.schema.DropIndex(index))
-    _copy(conn, table, rows, order)
+    for part in _checked_parts(table, frame):
+        # In key order, each row's primary key entry goes next to the previous one: the index
+        # is filled page by page instead of every page being revisited for each day.
+        order = part.select(pl.arg_sort_by(keys)).to_series()  # indices: no sorted copy
+        _copy(conn, table, part.with_columns(pl.lit(now).alias(stamp.name)), order)
     for index in deferred_indexes:
         conn.execute(sa.schema.CreateIndex(index))
     for fk in deferred_keys:
@@ -457,6 +508,26 @@ def _copy_direct(
     return frame.height
 
 
+def _checked_parts(table: sa.Table, frame: FrameParts) -> Iterator[pl.DataFrame]:
+    """``frame``'s parts, each checked for keys it repeats or shares with an earlier part
+    (a part's first key column must start after the previous part's ends)."""
+    first_key = table.primary_key.columns[0].name
+    previous_end = None
+    for part in frame.read():
+        if part.height == 0:
+            continue
+        if not frame.keys_checked:
+            _check_unique_keys(table, part)
+        start, end = part.get_column(first_key).min(), part.get_column(first_key).max()
+        if previous_end is not None and not start > previous_end:  # type: ignore[operator]
+            raise ValueError(
+                f"parts of {table.name} overlap: one starts at {first_key} {start!r}, "
+                f"the one before it ends at {previous_end!r}"
+            )
+        previous_end = end
+        yield part
+
+
 def _check_unique_keys(table: sa.Table, frame: pl.DataFrame) -> None:
     keys = [c.name for c in table.primary_key.columns]
     duplicated = frame.select(keys).is_duplicated()
@@ -468,7 +539,7 @@ def _check_unique_keys(table: sa.Table, frame: pl.DataFrame) -> None:
         )
 
 
-def _stage(conn: Connection, table: sa.Table, frame: pl.DataFrame) -> sa.Table:
+def _stage(conn: Connection, table: sa.Table, frame: FrameParts) -> sa.Table:
     """A temporary table with ``frame``'s columns, typed as in ``table``, holding its rows."""
     # SQLite looks rows up in the stage by key (Postgres hash-joins, and loads faster without).
     keyed = conn.dialect.name == "sqlite"
@@ -484,8 +555,13 @@ def _stage(conn: Connection, table: sa.Table, frame: pl.DataFrame) -> sa.Table:
     stage.create(conn)
     if frame.height == 0:
         return stage
+    for part in _checked_parts(table, frame):
+        if conn.dialect.name == "postgresql":
+            _copy(conn, stage, part)
+        else:
+            for offset in range(0, part.height, CHUNK_ROWS):
+                conn.execute(stage.insert(), part.slice(offset, CHUNK_ROWS).to_dicts())
     if conn.dialect.name == "postgresql":
-        _copy(conn, stage, frame)
         # Autovacuum never analyzes temporary tables; the planner needs their size (and the
         # keys' statistics are enough to choose the joins).
         quote = conn.dialect.identifier_preparer.quote
@@ -493,9 +569,6 @@ def _stage(conn: Connection, table: sa.Table, frame: pl.DataFrame) -> sa.Table:
         # Identifiers only (the stage's and its table's key columns, from tables.py), quoted
         # by the dialect; ANALYZE takes no bound parameters.
         conn.exec_driver_sql(f"ANALYZE {quote(stage.name)} ({keys})")  # noqa: S608, RUF100
-    else:
-        for offset in range(0, frame.height, CHUNK_ROWS):
-            conn.execute(stage.insert(), frame.slice(offset, CHUNK_ROWS).to_dicts())
     return stage
 
 

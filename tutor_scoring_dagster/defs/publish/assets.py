@@ -3,6 +3,8 @@
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import dagster as dg
 import duckdb
@@ -15,6 +17,8 @@ from tutor_scoring_dagster.defs.scores.assets import tutor_scores_current, tutor
 from tutor_scoring_dagster.paths import load_sql
 from tutor_scoring_dagster.store.errors import StoreSchemaError, explain
 from tutor_scoring_dagster.store.publish import (
+    PART_ROWS,
+    FrameParts,
     PublishStats,
     StaleMark,
     StoreMark,
@@ -22,7 +26,7 @@ from tutor_scoring_dagster.store.publish import (
     publish_current,
     publish_history,
 )
-from tutor_scoring_dagster.warehouse import query_frame
+from tutor_scoring_dagster.warehouse import export_parts, query_frame
 
 STORE_RETRY = dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL)
 
@@ -179,15 +183,27 @@ def tutor_score_history(
     days of the partitions run are replaced as a whole, with the `tutors` they name."""
     window = context.partition_time_window
     first_day, last_day = window.start.date(), (window.end - timedelta(days=1)).date()
-    with warehouse.connect(read_only=True) as con:
-        scores = query_frame(
-            con,
-            load_sql("tutor_scores_daily_range_select"),
-            {"start": window.start + timedelta(days=1), "end": window.end + timedelta(days=1)},
-        )
-        tutors = query_frame(con, load_sql("tutors_current_select"))
-    with store_errors_explained(serving_store.url()), serving_store.engine() as engine:
-        stats = publish_history(
-            engine, scores, first_day, last_day, now=datetime.now(UTC), tutors=tutors
-        )
+    days = {"start": window.start + timedelta(days=1), "end": window.end + timedelta(days=1)}
+    # A backfill of years is millions of rows: they wait on disk beside the warehouse, in
+    # parts of whole tutors, so memory holds one part and the warehouse is free meanwhile.
+    with TemporaryDirectory(prefix=".history-", dir=warehouse.file().parent) as folder:
+        with warehouse.connect(read_only=True) as con:
+            parts = export_parts(
+                con,
+                key_rows_sql=load_sql("tutor_scores_daily_tutor_rows_select"),
+                part_sql=load_sql("tutor_scores_daily_part_select"),
+                params=days,
+                folder=Path(folder),
+                part_rows=PART_ROWS,
+            )
+            tutors = query_frame(con, load_sql("tutors_current_select"))
+        with store_errors_explained(serving_store.url()), serving_store.engine() as engine:
+            stats = publish_history(
+                engine,
+                FrameParts.from_parquet(parts),
+                first_day,
+                last_day,
+                now=datetime.now(UTC),
+                tutors=tutors,
+            )
     return dg.MaterializeResult(metadata=publish_metadata(stats))
