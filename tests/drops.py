@@ -1,13 +1,74 @@
-"""Landing drops for tests, built from generated ones."""
+"""Landing drops for tests: written by hand, or built from generated ones."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import polars as pl
 
 ENTITIES = ("tutors", "sessions", "reschedules")
+
+
+def iso(instant: datetime) -> str:
+    """An instant as the platform exports it (ISO 8601, ``Z`` for UTC)."""
+    return instant.isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class HandDrop:
+    """Sessions written by hand (and a reschedule for each one moved), and the tutors export:
+    one drop of each entity, for tests whose expected scores are worked out by hand. A moved
+    session was moved ``moved_for`` later, ``notice`` before it was due."""
+
+    moved_for: timedelta = timedelta(days=2)
+    notice: timedelta = timedelta(hours=5)
+    sessions: list[dict[str, object]] = field(default_factory=list)
+    reschedules: list[dict[str, object]] = field(default_factory=list)
+
+    def session(
+        self,
+        tutor: str,
+        at: datetime,
+        status: str,
+        moved_by: str | None = None,
+        *,
+        session_id: str | None = None,
+        reason: str = "<i>flat tyre</i>",
+    ) -> None:
+        """One session of ``tutor`` at ``at``; ``moved_by``: who rescheduled it, if anyone."""
+        sid = session_id or f"{tutor}-{len(self.sessions)}"
+        self.sessions.append(
+            {
+                "session_id": sid,
+                "tutor_id": tutor,
+                "student_id": "S1",
+                "scheduled_time": iso(at),
+                "status": status,
+                "duration_minutes": 60,
+            }
+        )
+        if moved_by:
+            self.reschedules.append(
+                {
+                    "session_id": sid,
+                    "initiator": moved_by,
+                    "original_time": iso(at),
+                    "new_time": iso(at + self.moved_for),
+                    "reason": reason,
+                    "reason_code": "other",
+                    "cancelled_at": iso(at - self.notice),
+                }
+            )
+
+    def write(self, landing: Path, tutors: Sequence[Mapping[str, object]]) -> None:
+        """The sessions, reschedules and ``tutors`` exports, as CSV files in ``landing``."""
+        landing.mkdir(parents=True, exist_ok=True)
+        pl.DataFrame(self.sessions).write_csv(landing / "sessions_20260301T1100.csv")
+        pl.DataFrame(self.reschedules).write_csv(landing / "reschedules_20260301T1100.csv")
+        pl.DataFrame(list(tutors)).write_csv(landing / "tutors_20260301.csv")
 
 
 def one_file_per_entity(files: Iterable[Path], landing: Path) -> None:

@@ -13,9 +13,9 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import duckdb
-import polars as pl
 import pytest
 import sqlalchemy as sa
+from drops import HandDrop
 
 from tutor_scoring_dagster.config import Settings
 from tutor_scoring_dagster.defs.jobs import run_pipeline
@@ -24,43 +24,12 @@ from tutor_scoring_dagster.scoring import wilson_lower_bound_scalar
 T = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
-def iso(instant: datetime) -> str:
-    return instant.isoformat().replace("+00:00", "Z")
-
-
-def write_csv(path: Path, rows: list[dict[str, object]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pl.DataFrame(rows).write_csv(path)
-
-
 def build_drops(landing: Path) -> None:
     """A handful of tutors whose scores as of T are computed by hand in the tests below."""
-    sessions: list[dict[str, object]] = []
-    reschedules: list[dict[str, object]] = []
+    drop = HandDrop()
 
     def session(sid: str, tutor: str, at: datetime, status: str, moved_by: str | None = None):
-        sessions.append(
-            {
-                "session_id": sid,
-                "tutor_id": tutor,
-                "student_id": "S1",
-                "scheduled_time": iso(at),
-                "status": status,
-                "duration_minutes": 60,
-            }
-        )
-        if moved_by:
-            reschedules.append(
-                {
-                    "session_id": sid,
-                    "initiator": moved_by,
-                    "original_time": iso(at),
-                    "new_time": iso(at + timedelta(days=2)),
-                    "reason": "<i>flat tyre</i>",
-                    "reason_code": "other",
-                    "cancelled_at": iso(at - timedelta(hours=5)),
-                }
-            )
+        drop.session(tutor, at, status, moved_by, session_id=sid)
 
     # A: 30-day window edge counts, T itself and the future do not.
     session("A1", "A", T - timedelta(days=30), "rescheduled", moved_by="tutor")  # 30d, 90d
@@ -84,10 +53,8 @@ def build_drops(landing: Path) -> None:
     for i in range(4):
         session(f"D{i + 1}", "D", T - timedelta(days=31 + i), "rescheduled", moved_by="tutor")
 
-    write_csv(landing / "sessions_20260301T1100.csv", sessions)
-    write_csv(landing / "reschedules_20260301T1100.csv", reschedules)
-    write_csv(
-        landing / "tutors_20260301.csv",
+    drop.write(
+        landing,
         [
             {
                 "tutor_id": "A",

@@ -18,6 +18,7 @@ import markupsafe
 import numpy as np
 import polars as pl
 import pytest
+from drops import HandDrop
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from tutor_scoring_dagster.config import Settings
@@ -58,39 +59,13 @@ EXPECTED_STATUS = {"A": "high", "B": "ok", "C": "insufficient_data", ODD_ID: "hi
 EVIL_REASON = '<script>alert("x")</script> car broke'
 
 
-def iso(instant: datetime) -> str:
-    return instant.isoformat().replace("+00:00", "Z")
-
-
 def build_drops(landing: Path) -> None:
     """Four tutors over the 14 days before T, one of each risk status plus an odd id."""
-    sessions: list[dict[str, object]] = []
-    reschedules: list[dict[str, object]] = []
+    drop = HandDrop(moved_for=timedelta(days=1), notice=timedelta(hours=6))
 
     def session(tutor: str, at: datetime, status: str, moved_by: str | None = None) -> None:
-        sid = f"{tutor}-{len(sessions)}"
-        sessions.append(
-            {
-                "session_id": sid,
-                "tutor_id": tutor,
-                "student_id": "S1",
-                "scheduled_time": iso(at),
-                "status": status,
-                "duration_minutes": 60,
-            }
-        )
-        if moved_by:
-            reschedules.append(
-                {
-                    "session_id": sid,
-                    "initiator": moved_by,
-                    "original_time": iso(at),
-                    "new_time": iso(at + timedelta(days=1)),
-                    "reason": EVIL_REASON if tutor == "B" else "<i>flat tyre</i>",
-                    "reason_code": "other",
-                    "cancelled_at": iso(at - timedelta(hours=6)),
-                }
-            )
+        reason = EVIL_REASON if tutor == "B" else "<i>flat tyre</i>"
+        drop.session(tutor, at, status, moved_by, reason=reason)
 
     for day in range(1, 15):
         at = T - timedelta(days=day, hours=2)
@@ -105,12 +80,10 @@ def build_drops(landing: Path) -> None:
     for day in (2, 5):  # C: too few sessions to judge
         session("C", T - timedelta(days=day), "rescheduled", "tutor")
 
-    landing.mkdir(parents=True, exist_ok=True)
-    pl.DataFrame(sessions).write_csv(landing / "sessions_20260301T1100.csv")
-    pl.DataFrame(reschedules).write_csv(landing / "reschedules_20260301T1100.csv")
-    pl.DataFrame(
-        [{"tutor_id": k, "name": v, "email": f"{k}@example.com"} for k, v in NAMES.items()]
-    ).write_csv(landing / "tutors_20260301.csv")
+    drop.write(
+        landing,
+        [{"tutor_id": k, "name": v, "email": f"{k}@example.com"} for k, v in NAMES.items()],
+    )
 
 
 @pytest.fixture
