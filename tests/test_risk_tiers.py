@@ -10,6 +10,7 @@ from datetime import UTC, date, datetime, timedelta
 import duckdb
 import polars as pl
 import pytest
+from polars.testing import assert_frame_equal
 from scipy.stats import beta as beta_dist
 
 from tutor_scoring_dagster.risk_tiers import (
@@ -22,12 +23,15 @@ from tutor_scoring_dagster.risk_tiers import (
     compute_risk_tiers,
     cusum_weights,
     fit_prior,
+    merge_markers,
     neutral_rate,
     posterior_exceedance,
     risk_evidence,
     risk_tiers_as_of,
+    risk_tiers_by_chunk,
     risk_tiers_for_days,
     tiers_from_evidence,
+    window_sum,
 )
 
 T = datetime(2024, 6, 1, tzinfo=UTC)
@@ -376,3 +380,108 @@ def test_watch_since_carried_from_the_previous_snapshot() -> None:
         expected.select("watch_since", "newly_flagged").rows()
     )
     assert carried.sort("tutor_id").get_column("watch_since").to_list() == [days[1], None]
+
+
+def reference_evidence(ev: pl.DataFrame, marks: pl.DataFrame, params: TierParams) -> pl.DataFrame:
+    """The straightforward per-tutor form (every window ``.over("tutor_id")`` on one merged
+    frame), which the fast path must match to the last bit."""
+    p1 = params.p1
+    merged = merge_markers(
+        ev,
+        marks,
+        {"x": pl.col("moved_by_tutor").cast(pl.Int64), "n": pl.lit(1, dtype=pl.Int64)},
+    )
+    d = params.baseline_days
+    horizon = timedelta(days=params.cusum_horizon_days)
+    increment = (
+        pl.when(pl.col("is_marker"))
+        .then(pl.lit(0.0))
+        .when(pl.col("x") == 1)
+        .then((p1 / pl.col("baseline_rate")).log())
+        .otherwise(((1 - p1) / (1 - pl.col("baseline_rate"))).log())
+    )
+    w = params.posterior_window_days
+    return (
+        merged.with_columns(
+            baseline_rate(window_sum("x", d), window_sum("n", d), params).alias("baseline_rate")
+        )
+        .with_columns(increment.alias("w"))
+        .with_columns(pl.col("w").cum_sum().over("tutor_id").alias("c"))
+        .with_columns(
+            pl.when(~pl.col("is_marker"))
+            .then(pl.col("c"))
+            .rolling_min_by("t", horizon, closed="left")
+            .over("tutor_id")
+            .alias("c_min"),
+            window_sum("w", params.cusum_horizon_days).alias("w_sum"),
+            window_sum("n", w).alias("sessions"),
+            window_sum("x", w).alias("reschedules"),
+        )
+        .filter(pl.col("is_marker"))
+        .select(
+            "tutor_id",
+            pl.col("t").alias("as_of"),
+            "sessions",
+            "reschedules",
+            "baseline_rate",
+            pl.max_horizontal("w_sum", pl.col("c") - pl.col("c_min"))
+            .clip(lower_bound=0.0)
+            .alias("cusum_statistic"),
+        )
+        .collect()
+    )
+
+
+def random_history(seed: int) -> list[tuple[str, str, datetime, bool]]:
+    """(tutor, session id, time, moved) over ~300 days: tutors who start mid-range, leave gaps
+    longer than any window, and hold several sessions at one instant."""
+    rng = random.Random(seed)
+    rows = []
+    for u in range(12):
+        tutor = f"T{u:02d}"
+        start = T - timedelta(days=rng.randint(20, 300))
+        rate = rng.choice([0.03, 0.1, 0.25])
+        at = start
+        while at < T + timedelta(days=10):
+            at += timedelta(hours=rng.choice([0, 0, 1, 7, 30, 60]))
+            if rng.random() < 0.01:
+                at += timedelta(days=100)  # a gap longer than every window
+            rows.append((tutor, f"s{rng.randrange(10**6):06d}", at, rng.random() < rate))
+    return rows
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_fast_evidence_is_bit_identical_to_the_per_tutor_form(seed: int) -> None:
+    rows = random_history(seed)
+    ev = pl.DataFrame(
+        {
+            "tutor_id": [r[0] for r in rows],
+            "session_id": [r[1] for r in rows],
+            "scheduled_time": [r[2] for r in rows],
+            "moved_by_tutor": [r[3] for r in rows],
+        },
+        schema_overrides={"scheduled_time": pl.Datetime("us", "UTC")},
+    ).sample(fraction=1.0, shuffle=True, seed=seed)  # any input order
+    instants = [T - timedelta(days=k, hours=k % 5) for k in range(0, 200, 3)] + [T]
+    marks = markers([(f"T{u:02d}", t) for u in range(13) for t in sorted(set(instants))])
+    got = risk_evidence(ev, marks, P)
+    expected = reference_evidence(ev, marks, P)
+    assert_frame_equal(got, expected, check_exact=True)
+    assert got.get_column("cusum_statistic").max() > P.cusum_h  # something fires
+
+
+def test_chunks_read_once_match_a_call_per_chunk() -> None:
+    con = warehouse()
+    rows = random_history(3)
+    for tutor, session, at, moved in rows:
+        con.execute("INSERT INTO sessions VALUES (?, ?, ?, 'completed')", [session, tutor, at])
+        if moved:
+            con.execute(
+                "INSERT INTO reschedules VALUES (?, 'tutor', 'other', ?, 3.0)", [session, at]
+            )
+    chunks = [(date(2024, 2, 1), date(2024, 3, 10)), (date(2024, 3, 11), date(2024, 5, 31))]
+    got = list(risk_tiers_by_chunk(con, chunks, P, since_lookback_days=30))
+    for (first, last), tiers in zip(chunks, got, strict=True):
+        alone = risk_tiers_for_days(con, first, last, P, since_lookback_days=30)
+        assert_frame_equal(tiers, alone, check_exact=True)
+        assert tiers.height == alone.height > 0

@@ -11,9 +11,10 @@ its :class:`~tutor_scoring_dagster.schemas.TutorRiskTiers` columns (``score_row_
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from itertools import repeat
 from typing import Any
 
 import duckdb
@@ -26,7 +27,11 @@ from tutor_scoring_dagster.drivers import (
     recommend_actions,
 )
 from tutor_scoring_dagster.params import AssessParams
-from tutor_scoring_dagster.risk_tiers import read_session_events, risk_tiers_for_days
+from tutor_scoring_dagster.risk_tiers import (
+    read_session_events,
+    risk_tiers_by_chunk,
+    risk_tiers_for_days,
+)
 from tutor_scoring_dagster.schemas import (
     FLAGGED_TIERS,
     TutorRiskDrivers,
@@ -76,12 +81,14 @@ def assess(
     *,
     offset: timedelta = timedelta(0),
     with_drivers: bool = True,
+    tiers: pl.DataFrame | None = None,
 ) -> Assessment:
     """Tiers, drivers and actions for ``scores``, the snapshots as of the end of each day
     ``first_day..last_day`` (days starting ``offset`` after midnight UTC), from the warehouse's
     sessions. A scored tutor the detector has no row for is ``insufficient_data``. Without
     ``with_drivers`` only the tiers and their evidence are judged (``top_drivers`` and
-    ``recommended_action`` stay empty): drivers cost more than tiers over a long history."""
+    ``recommended_action`` stay empty): drivers cost more than tiers over a long history.
+    ``tiers``: those days' rows of :func:`risk_tiers_for_days` when the caller has them."""
     events = None
     if with_drivers:
         # One read for both: the tiers' reach (from the first day watch_since looks at) and
@@ -93,15 +100,17 @@ def assess(
             start=first_instant - timedelta(days=reach),
             end=day_start(last_day + timedelta(days=1), offset),
         )
-    tiers = risk_tiers_for_days(
-        con,
-        first_day,
-        last_day,
-        params.tiers,
-        offset=offset,
-        since_lookback_days=WATCH_SINCE_REACH_DAYS,
-        events=events,
-    ).with_columns(
+    if tiers is None:
+        tiers = risk_tiers_for_days(
+            con,
+            first_day,
+            last_day,
+            params.tiers,
+            offset=offset,
+            since_lookback_days=WATCH_SINCE_REACH_DAYS,
+            events=events,
+        )
+    tiers = tiers.with_columns(
         pl.when(pl.col("watch_since").is_not_null())
         .then(
             pl.max_horizontal(
@@ -150,15 +159,35 @@ def assess_days(
 ) -> Assessment:
     """Scored and assessed snapshots as of the end of each day ``first_day..last_day``, a
     chunk of days at a time (memory stays flat over a long backfill)."""
-    parts: list[Assessment] = []
+    chunks: list[tuple[date, date]] = []
     day = first_day
     while day <= last_day:
-        end = min(last_day, day + timedelta(days=CHUNK_DAYS - 1))
+        chunks.append((day, min(last_day, day + timedelta(days=CHUNK_DAYS - 1))))
+        day = chunks[-1][1] + timedelta(days=1)
+    # Tiers alone read the sessions once for every chunk (with drivers, each chunk reads its
+    # wider events for both).
+    tiers: Iterator[pl.DataFrame | None] = (
+        repeat(None)
+        if with_drivers
+        else risk_tiers_by_chunk(
+            con, chunks, params.tiers, offset=offset, since_lookback_days=WATCH_SINCE_REACH_DAYS
+        )
+    )
+    parts: list[Assessment] = []
+    for (day, end), chunk_tiers in zip(chunks, tiers, strict=False):
         scores = score_snapshots(con, day, end, rule, offset=offset)
         parts.append(
-            assess(con, scores, day, end, params, offset=offset, with_drivers=with_drivers)
+            assess(
+                con,
+                scores,
+                day,
+                end,
+                params,
+                offset=offset,
+                with_drivers=with_drivers,
+                tiers=chunk_tiers,
+            )
         )
-        day = end + timedelta(days=1)
     if len(parts) == 1:
         return parts[0]
     return Assessment(

@@ -26,8 +26,9 @@ session's baseline is such a window too, read at the session itself.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from datetime import date, datetime, timedelta
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from typing import Final
 
 import duckdb
@@ -101,6 +102,17 @@ def read_session_events(
     """Per-session events (:data:`EVENT_SCHEMA`) of sessions scheduled in ``[start, end)``."""
     frame = query_frame(con, load_sql("risk_session_events_select"), {"start": start, "end": end})
     return _utc(frame, "scheduled_time").cast(pl.Schema(EVENT_SCHEMA))
+
+
+def read_tier_sessions(
+    con: duckdb.DuckDBPyConnection, *, start: datetime, end: datetime
+) -> pl.DataFrame:
+    """The sessions scheduled in ``[start, end)`` with only what tiers read (``tutor_id``,
+    ``session_id``, ``scheduled_time``, ``moved_by_tutor``), in no particular order."""
+    frame = query_frame(con, load_sql("risk_tier_sessions_select"), {"start": start, "end": end})
+    return _utc(frame, "scheduled_time").cast(
+        {k: EVENT_SCHEMA[k] for k in ("tutor_id", "session_id", "scheduled_time", "moved_by_tutor")}
+    )
 
 
 def read_first_sessions(con: duckdb.DuckDBPyConnection, *, end: datetime) -> pl.DataFrame:
@@ -193,7 +205,8 @@ def risk_evidence(
 ) -> pl.DataFrame:
     """Per marker ``(tutor_id, as_of)``: ``sessions``/``reschedules`` in the posterior window,
     ``sessions_{W}d``/``reschedules_{W}d`` for each extra window, ``baseline_rate`` (the
-    acceptable rate a session at ``T`` would be judged against) and ``cusum_statistic``.
+    acceptable rate a session at ``T`` would be judged against) and ``cusum_statistic``;
+    sorted by tutor and instant.
 
     Each session ``j`` gets the increment ``ln(p1 / b_j)`` when moved by the tutor and
     ``ln((1 - p1) / (1 - b_j))`` when not, ``b_j`` being :func:`baseline_rate` over the
@@ -202,53 +215,277 @@ def risk_evidence(
     running sum ``C`` of increments, i.e. the larger of the window's total increment and
     ``C(T)`` minus the window's lowest ``C``: the textbook recursion ``S = max(0, S + w)``
     as cumulative sums and rolling minima per tutor.
+
+    ``events`` needs ``tutor_id``, ``scheduled_time`` and ``moved_by_tutor``; sessions at the
+    same instant count in ``session_id`` order, or in their given order without that column
+    (as :func:`read_tier_sessions` returns them). Running sums start at the first session of
+    ``events``, so the same frame gives the same floats to the last bit.
     """
-    p1 = params.p1
-    moved = pl.col("moved_by_tutor").cast(pl.Int64)
-    merged = merge_markers(events, markers, {"x": moved, "n": pl.lit(1, dtype=pl.Int64)})
-    baseline = baseline_rate(
-        window_sum("x", params.baseline_days), window_sum("n", params.baseline_days), params
-    )
-    increment = (
-        pl.when(pl.col("is_marker"))
-        .then(pl.lit(0.0))
-        .when(pl.col("x") == 1)
-        .then((p1 / pl.col("baseline_rate")).log())
-        .otherwise(((1 - p1) / (1 - pl.col("baseline_rate"))).log())
-    )
-    horizon = timedelta(days=params.cusum_horizon_days)
     windows = sorted({params.posterior_window_days, *windows_days})
-    evidence = (
-        merged.with_columns(baseline.alias("baseline_rate"))
-        .with_columns(increment.alias("w"))
-        .with_columns(pl.col("w").cum_sum().over("tutor_id").alias("c"))
-        .with_columns(
+    tutors = (
+        pl.concat([events.get_column("tutor_id"), markers.get_column("tutor_id")]).unique().sort()
+    )
+    s_g, m_g = (
+        _ranks(events.get_column("tutor_id"), tutors),
+        _ranks(markers.get_column("tutor_id"), tutors),
+    )
+    s_t, m_t = _micros(events.get_column("scheduled_time")), _micros(markers.get_column("as_of"))
+    keys = _TimeKeys.fit(len(tutors), np.concatenate([s_t, m_t]), _reach_days(params, windows))
+    s_key, m_key = keys.key(s_g, s_t), keys.key(m_g, m_t)
+    order = _session_order(events, s_key)
+    if order is not None:
+        events, s_g, s_key = events[order], s_g[order], s_key[order]
+    if np.any(np.diff(m_key) < 0):
+        order = np.argsort(m_key, kind="stable")
+        markers, m_g, m_key = markers[order], m_g[order], m_key[order]
+    moved = events.get_column("moved_by_tutor").fill_null(False).to_numpy()
+    sessions = _Sessions.build(s_g, s_key, moved, params)
+    frame_start = np.searchsorted(s_key, np.arange(len(tutors)) * keys.span, side="left")
+    evidence = _evidence(
+        sessions, np.arange(len(s_key)), frame_start, m_g, m_key, params, windows_days
+    )
+    return pl.concat([markers.select("tutor_id", "as_of"), evidence], how="horizontal")
+
+
+_DAY_US: Final = 86_400_000_000
+"""Microseconds in a day: windows over the integer time ``key``."""
+
+
+def _reach_days(params: TierParams, windows: Sequence[int]) -> int:
+    return max(params.baseline_days, params.cusum_horizon_days, *windows)
+
+
+def _ranks(tutor_ids: pl.Series, tutors: pl.Series) -> np.ndarray:
+    """Each id's position in ``tutors`` (sorted, unique, holding every id)."""
+    return tutor_ids.cast(pl.Enum(tutors)).to_physical().to_numpy().astype(np.int64)
+
+
+def _micros(times: pl.Series) -> np.ndarray:
+    return times.dt.epoch("us").to_numpy()
+
+
+@dataclass(frozen=True)
+class _TimeKeys:
+    """One integer per (tutor rank, instant): the instant in microseconds, offset by the rank
+    times a span longer than the data plus any window, so that sorting by key sorts by tutor
+    then time, and a window ``[key - W, key)`` never reaches another tutor."""
+
+    base: int
+    span: int
+
+    @classmethod
+    def fit(cls, tutors: int, micros: np.ndarray, reach_days: int) -> _TimeKeys:
+        base = int(micros.min()) if micros.size else 0
+        span = (int(micros.max()) - base if micros.size else 0) + reach_days * _DAY_US + 1
+        if tutors * span >= 2**62:
+            raise ValueError("too many tutors or too long a time range for one integer key")
+        return cls(base, span)
+
+    def key(self, ranks: np.ndarray, micros: np.ndarray) -> np.ndarray:
+        return ranks * self.span + (micros - self.base)
+
+
+def _increments(x: np.ndarray, n: np.ndarray, moved: np.ndarray, params: TierParams) -> np.ndarray:
+    """Each session's CUSUM increment from ``x`` moves of ``n`` sessions in its baseline
+    window (polars' log, as everywhere else, so that the bits agree)."""
+    p1 = params.p1
+    baseline = pl.col("baseline_rate")
+    increment = (
+        pl.when(pl.col("moved") == 1)
+        .then((p1 / baseline).log())
+        .otherwise(((1 - p1) / (1 - baseline)).log())
+    )
+    return (
+        pl.DataFrame({"x": x, "n": n, "moved": moved})
+        .with_columns(baseline_rate(pl.col("x"), pl.col("n"), params).alias("baseline_rate"))
+        .select(increment.alias("w"))
+        .to_series()
+        .to_numpy()
+    )
+
+
+@dataclass(frozen=True)
+class _Sessions:
+    """Sessions sorted by key, with what each needs whatever frame it is read in: ``before``
+    (index of the first session at its own key), ``window_first`` (of the first in its
+    baseline window) and ``w``, its increment when that window is whole."""
+
+    g: np.ndarray
+    key: np.ndarray
+    moved: np.ndarray
+    moves: np.ndarray
+    before: np.ndarray
+    window_first: np.ndarray
+    w: np.ndarray
+
+    @classmethod
+    def build(
+        cls, g: np.ndarray, key: np.ndarray, moved: np.ndarray, params: TierParams
+    ) -> _Sessions:
+        index = np.arange(len(key), dtype=np.int64)
+        before = np.maximum.accumulate(np.where(np.diff(key, prepend=-1) != 0, index, 0))
+        moved = moved.astype(np.int8)
+        moves = np.concatenate([[0], np.cumsum(moved, dtype=np.int64)])
+        first = np.searchsorted(key, key - params.baseline_days * _DAY_US, side="left")
+        n, x = before - first, moves[before] - moves[first]
+        if not params.baseline_days:
+            n, x = np.zeros_like(n), np.zeros_like(x)
+        return cls(g, key, moved, moves, before, first, _increments(x, n, moved, params))
+
+    def counts(
+        self, keys: np.ndarray, days: int, before: np.ndarray, frame_first: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Sessions and moves with key in ``[key - days, key)`` from ``frame_first`` on:
+        exact integers, as polars' rolling sums of them."""
+        first = np.maximum(
+            np.searchsorted(self.key, keys - days * _DAY_US, side="left"), frame_first
+        )
+        return before - first, self.moves[before] - self.moves[first]
+
+
+def _evidence(
+    sessions: _Sessions,
+    own: np.ndarray,
+    frame_start: np.ndarray,
+    m_g: np.ndarray,
+    m_key: np.ndarray,
+    params: TierParams,
+    windows_days: Sequence[int],
+) -> pl.DataFrame:
+    """:func:`risk_evidence`'s columns after ``tutor_id`` and ``as_of``, one row per marker
+    (``m_g``, ``m_key``, sorted by key), over the frame of sessions ``own`` (ascending indices
+    into ``sessions``: per tutor ``g``, those from index ``frame_start[g]`` up to the markers),
+    exactly as if those sessions were all there is."""
+    n_s, n_m = len(own), len(m_key)
+    m_before = np.searchsorted(sessions.key, m_key, side="left")
+    m_first = frame_start[m_g]
+    windows = sorted({params.posterior_window_days, *windows_days})
+    at_marker: dict[str, np.ndarray] = {}
+    for d in windows:
+        at_marker[f"sessions_{d}d"], at_marker[f"reschedules_{d}d"] = sessions.counts(
+            m_key, d, m_before, m_first
+        )
+    base = params.baseline_days
+    m_n, m_x = (
+        sessions.counts(m_key, base, m_before, m_first)
+        if base
+        else (np.zeros(n_m, dtype=np.int64), np.zeros(n_m, dtype=np.int64))
+    )
+    # A session whose baseline window starts before the frame reads only the frame's part
+    # of it (as a frame of its own sessions would).
+    s_first = frame_start[sessions.g[own]]
+    w = sessions.w[own]
+    cut = np.flatnonzero(sessions.window_first[own] < s_first) if base else np.zeros(0, int)
+    if cut.size:
+        rows = own[cut]
+        first, before = s_first[cut], sessions.before[rows]
+        w[cut] = _increments(
+            sessions.moves[before] - sessions.moves[first],
+            before - first,
+            sessions.moved[rows],
+            params,
+        )
+
+    # Sessions and markers merged by key, a marker before the sessions at its own key (a running
+    # sum read at a marker covers exactly the sessions scheduled before it); markers add 0.
+    # Floats run through the same polars operations as the frame "one row per session and
+    # marker, per tutor" did, so that they agree to the last bit.
+    local_before = np.searchsorted(own, m_before, side="left")
+    index = np.arange(n_s)
+    at = np.empty(n_s + n_m, dtype=np.int64)
+    at[index + np.searchsorted(local_before, index, side="right")] = index
+    at[local_before + np.arange(n_m)] = n_s + np.arange(n_m)
+    horizon = f"{params.cusum_horizon_days * _DAY_US}i"
+    statistic = (
+        pl.DataFrame(
+            {
+                "g": np.concatenate([sessions.g[own], m_g])[at],
+                "key": np.concatenate([sessions.key[own], m_key])[at],
+                "is_marker": at >= n_s,
+                "w": np.concatenate([w, np.zeros(n_m)])[at],
+            }
+        )
+        .lazy()
+        .with_columns(pl.col("key").set_sorted())
+        .with_columns(pl.col("w").cum_sum().over("g").alias("c"))
+        .select(
+            "is_marker",
+            "c",
             # Markers are not sessions: they never set the window's minimum.
             pl.when(~pl.col("is_marker"))
             .then(pl.col("c"))
-            .rolling_min_by("t", horizon, closed="left")
-            .over("tutor_id")
+            .rolling_min_by("key", horizon, closed="left")
             .alias("c_min"),
-            window_sum("w", params.cusum_horizon_days).alias("w_sum"),
-            *(window_sum("n", d).alias(f"sessions_{d}d") for d in windows),
-            *(window_sum("x", d).alias(f"reschedules_{d}d") for d in windows),
+            # One pass equals one per tutor: polars restarts a window's running (Kahan) sum
+            # whenever the window empties, as it does at each tutor's first row.
+            pl.col("w").rolling_sum_by("key", horizon, closed="left").alias("w_sum"),
         )
         .filter(pl.col("is_marker"))
         .select(
-            "tutor_id",
-            pl.col("t").alias("as_of"),
-            pl.col(f"sessions_{params.posterior_window_days}d").alias("sessions"),
-            pl.col(f"reschedules_{params.posterior_window_days}d").alias("reschedules"),
-            *(pl.col(f"sessions_{d}d") for d in windows_days),
-            *(pl.col(f"reschedules_{d}d") for d in windows_days),
-            "baseline_rate",
             # max_horizontal skips the null minimum of an empty window (statistic 0).
             pl.max_horizontal("w_sum", pl.col("c") - pl.col("c_min"))
             .clip(lower_bound=0.0)
             .alias("cusum_statistic"),
         )
+        .collect()
+        .to_series()
     )
-    return evidence.collect()
+    p = params.posterior_window_days
+    return pl.DataFrame(
+        {
+            "sessions": at_marker[f"sessions_{p}d"],
+            "reschedules": at_marker[f"reschedules_{p}d"],
+            **{f"sessions_{d}d": at_marker[f"sessions_{d}d"] for d in windows_days},
+            **{f"reschedules_{d}d": at_marker[f"reschedules_{d}d"] for d in windows_days},
+        }
+    ).with_columns(
+        pl.DataFrame({"x": m_x, "n": m_n})
+        .with_columns(baseline_rate(pl.col("x"), pl.col("n"), params).alias("baseline_rate"))
+        .get_column("baseline_rate"),
+        statistic,
+    )
+
+
+def _session_order(events: pl.DataFrame, key: np.ndarray) -> np.ndarray | None:
+    """The permutation sorting ``events`` by ``key`` then ``session_id`` (in their given order
+    without that column); None when they are sorted already."""
+    step = np.diff(key)
+    ties = np.flatnonzero(step == 0)
+    has_ids = "session_id" in events.columns
+    if not np.any(step < 0):
+        if not ties.size or not has_ids:
+            return None
+        ids = events.get_column("session_id")
+        if not (ids.gather(ties) > ids.gather(ties + 1)).any():
+            return None
+    order = (
+        pl.DataFrame({"key": key})
+        .with_row_index("i")
+        .sort("key", maintain_order=True)
+        .get_column("i")
+        .to_numpy()
+        .astype(np.int64)
+    )
+    if not has_ids:
+        return order
+    # Sessions of one tutor at one instant (rare) in session_id order.
+    step = np.diff(key[order])
+    tied = np.flatnonzero(
+        np.concatenate([[False], step == 0]) | np.concatenate([step == 0, [False]])
+    )
+    if tied.size:
+        rows = order[tied]
+        by_id = (
+            pl.DataFrame(
+                {"key": key[rows], "session_id": events.get_column("session_id").gather(rows)}
+            )
+            .with_row_index("i")
+            .sort("key", "session_id")
+            .get_column("i")
+            .to_numpy()
+        )
+        order[tied] = rows[by_id]
+    return order
 
 
 def fit_prior(evidence: pl.DataFrame, params: TierParams) -> pl.DataFrame:
@@ -385,10 +622,25 @@ def risk_tiers_for_instants(
         return pl.DataFrame(schema=TIER_SCHEMA)
     first, last = min(instants), max(instants)
     if events is None:
-        start = first - timedelta(days=params.lookback_days)
-        events = read_session_events(con, start=start, end=last)
+        events = read_tier_sessions(con, **_sessions_read(first, last, params))
     markers = as_of_markers(read_first_sessions(con, end=last), instants)
     return compute_risk_tiers(events, markers, params)
+
+
+def _sessions_read(first: datetime, last: datetime, params: TierParams) -> dict[str, datetime]:
+    """The sessions tiers at instants ``first..last`` read: ``start`` and ``end``."""
+    return {"start": first - timedelta(days=params.lookback_days), "end": last}
+
+
+def day_instants(
+    first_day: date, last_day: date, *, offset: timedelta, since_lookback_days: int
+) -> list[datetime]:
+    """The instants :func:`risk_tiers_for_days` evaluates: the end of each day from
+    ``since_lookback_days`` before ``first_day`` to ``last_day``."""
+    days = pl.date_range(
+        first_day - timedelta(days=since_lookback_days), last_day, "1d", eager=True
+    ).to_list()
+    return [day_start(d + timedelta(days=1), offset) for d in days]
 
 
 def risk_tiers_for_days(
@@ -408,12 +660,89 @@ def risk_tiers_for_days(
     that started earlier shows the start of that lookback. ``events``: as in
     :func:`risk_tiers_for_instants`, from the first of those days on.
     """
-    days = pl.date_range(
-        first_day - timedelta(days=since_lookback_days), last_day, "1d", eager=True
-    ).to_list()
-    instants = [day_start(d + timedelta(days=1), offset) for d in days]
+    instants = day_instants(
+        first_day, last_day, offset=offset, since_lookback_days=since_lookback_days
+    )
     tiers = risk_tiers_for_instants(con, instants, params, events=events)
     return tiers.filter(pl.col("as_of") >= day_start(first_day + timedelta(days=1), offset))
+
+
+def risk_tiers_by_chunk(
+    con: duckdb.DuckDBPyConnection,
+    chunks: Sequence[tuple[date, date]],
+    params: TierParams,
+    *,
+    offset: timedelta = timedelta(0),
+    since_lookback_days: int = 30,
+) -> Iterator[pl.DataFrame]:
+    """For each chunk of days ``(first_day, last_day)`` in order, the rows of
+    :func:`risk_tiers_for_days` on it, to the last bit, with the sessions read once for all.
+
+    Each chunk still reads exactly its own sessions (running sums start where a call on it
+    alone would start them), but the read, the tutors' ranks and first sessions are shared.
+    """
+    if not chunks:
+        return
+    per_chunk = [
+        day_instants(first, last, offset=offset, since_lookback_days=since_lookback_days)
+        for first, last in chunks
+    ]
+    reads = [_sessions_read(instants[0], instants[-1], params) for instants in per_chunk]
+    end = max(r["end"] for r in reads)
+    sessions = read_tier_sessions(con, start=min(r["start"] for r in reads), end=end)
+    first_sessions = read_first_sessions(con, end=end)
+    tutors = (
+        pl.concat([sessions.get_column("tutor_id"), first_sessions.get_column("tutor_id")])
+        .unique()
+        .sort()
+    )
+    s_g = _ranks(sessions.get_column("tutor_id"), tutors)
+    s_t = _micros(sessions.get_column("scheduled_time"))
+    moved = sessions.get_column("moved_by_tutor").fill_null(False).to_numpy()
+    f_g = _ranks(first_sessions.get_column("tutor_id"), tutors)
+    f_t = _micros(first_sessions.get_column("first_scheduled_time"))
+    times = [np.array([_micros_of(t) for t in instants]) for instants in per_chunk]
+    keys = _TimeKeys.fit(
+        len(tutors),
+        np.concatenate([s_t, *times]),
+        _reach_days(params, [params.posterior_window_days]),
+    )
+    s_key = keys.key(s_g, s_t)
+    order = _session_order(sessions, s_key)
+    del sessions
+    if order is not None:
+        s_g, s_t, s_key, moved = s_g[order], s_t[order], s_key[order], moved[order]
+    all_sessions = _Sessions.build(s_g, s_key, moved, params)
+    ranks = np.arange(len(tutors))
+    for (first_day, _), instants, read in zip(chunks, times, reads, strict=True):
+        lo, hi = _micros_of(read["start"]), _micros_of(read["end"])
+        own = np.flatnonzero((s_t >= lo) & (s_t < hi))
+        frame_start = np.searchsorted(s_key, keys.key(ranks, np.full(len(ranks), lo)))
+        # Every instant after a tutor's first session, by tutor (as_of_markers, as arrays).
+        starts = np.searchsorted(instants, f_t, side="right")
+        per_tutor = len(instants) - starts
+        m_g = np.repeat(f_g, per_tutor)
+        shift = np.repeat(np.cumsum(per_tutor) - per_tutor - starts, per_tutor)
+        m_t = instants[np.arange(len(m_g)) - shift]
+        order = np.lexsort((m_t, m_g))
+        m_g, m_t = m_g[order], m_t[order]
+        evidence = _evidence(all_sessions, own, frame_start, m_g, keys.key(m_g, m_t), params, ())
+        marks = pl.DataFrame(
+            {
+                "tutor_id": tutors.gather(m_g),
+                "as_of": pl.Series(m_t).cast(pl.Datetime("us")).dt.replace_time_zone("UTC"),
+            }
+        )
+        evidence = pl.concat([marks, evidence], how="horizontal")
+        tiers = tiers_from_evidence(evidence, params).select(list(TIER_SCHEMA))
+        yield tiers.filter(pl.col("as_of") >= day_start(first_day + timedelta(days=1), offset))
+
+
+def _micros_of(instant: datetime) -> int:
+    return (as_utc(instant) - _EPOCH) // timedelta(microseconds=1)
+
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def risk_tiers_as_of(
