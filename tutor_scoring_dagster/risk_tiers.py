@@ -517,7 +517,10 @@ def fit_prior(evidence: pl.DataFrame, params: TierParams) -> pl.DataFrame:
             pl.len().alias("tutors"),
             pl.col("sessions").sum().cast(pl.Float64).alias("sum_n"),
             pl.col("reschedules").sum().cast(pl.Float64).alias("sum_k"),
+            # Summed in sorted order: a parallel group-by adds floats in whatever order its
+            # threads finish, and a recomputed snapshot must give the same bits.
             (pl.col("reschedules").cast(pl.Float64) ** 2 / pl.col("sessions"))
+            .sort()
             .sum()
             .alias("sum_k2_over_n"),
         )
