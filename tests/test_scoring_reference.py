@@ -12,6 +12,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pytest
 from drops import one_file_per_entity
 
@@ -22,6 +23,7 @@ from tutor_scoring_dagster.scoring import (
     RiskRule,
     audit_scores,
     partition_as_of,
+    reference_counts,
     score_as_of,
     score_days,
     wilson_lower_bound_scalar,
@@ -189,3 +191,62 @@ def test_daily_path_matches_reference(generated: Path) -> None:
     assert scores.height == n_expected
     assert scores.get_column("is_high_risk").any()
     assert scores.get_column("newly_high_risk").any()
+
+
+def test_reference_counts_match_plain_python(generated: Path) -> None:
+    """The checks' reference counts, at instants any distance apart (some on a session's
+    exact instant, or exactly a window after one), equal a bisect over each tutor's sessions."""
+    platform = Platform.read(generated)
+    rng = random.Random(7)
+    instants = random_instants(rng, 6)
+    tutor = sorted(platform.times)[0]
+    edge = platform.times[tutor][len(platform.times[tutor]) // 2]
+    instants += [edge, edge + timedelta(days=30), edge + timedelta(days=7, microseconds=1)]
+    with warehouse.connect(generated, read_only=True) as con:
+        counted = reference_counts(con, instants)
+    assert counted.select("as_of", "tutor_id").equals(
+        counted.select("as_of", "tutor_id").sort(pl.all())
+    )
+    n_rows = 0
+    for as_of in sorted(set(instants)):
+        rows = counted.filter(pl.col("as_of") == as_of)
+        seen = sorted(t for t, times in platform.times.items() if times[0] < as_of)
+        assert rows.get_column("tutor_id").to_list() == seen
+        for row in rows.iter_rows(named=True):
+            for w in WINDOWS:
+                total, moved, no_shows = platform.counts(row["tutor_id"], as_of, w)
+                assert (
+                    row[f"total_sessions_{w}d"],
+                    row[f"tutor_reschedules_{w}d"],
+                    row[f"no_shows_{w}d"],
+                ) == (total, moved, no_shows), (row["tutor_id"], as_of, w)
+        n_rows += rows.height
+    assert n_rows == counted.height
+
+
+def test_audit_findings_do_not_depend_on_row_order(generated: Path) -> None:
+    """Rows as read (sorted: counts compared in place) and shuffled (compared by a join) give
+    the same findings for a tampered count; a duplicated row is found either way."""
+    first, last = date(2024, 5, 20), date(2024, 5, 31)
+    instants = [partition_as_of(first + timedelta(days=i)) for i in range((last - first).days + 1)]
+    with warehouse.connect(generated, read_only=True) as con:
+        scores = score_days(con, first, last, RiskRule())
+        assert all(f.passed for f in audit_scores(con, scores, instants))
+        tampered = scores.with_columns(
+            pl.when(pl.int_range(pl.len()) == 100)
+            .then(pl.col("no_shows_90d") + 1)
+            .otherwise(pl.col("no_shows_90d"))
+            .alias("no_shows_90d")
+        )
+        for extra in (scores.clear(), scores.slice(200, 1)):
+            rows = pl.concat([tampered, extra])
+            in_order = audit_scores(con, rows.sort("as_of", "tutor_id"), instants)
+            shuffled = audit_scores(con, rows.sample(fraction=1.0, shuffle=True, seed=3), instants)
+            for a, b in zip(in_order, shuffled, strict=True):
+                assert a.failures.equals(b.failures), a.name
+            found = {f.name: f.failures.height for f in in_order}
+            assert found["one_row_per_tutor_per_snapshot"] == extra.height
+            assert found["counts_reconcile_with_sessions"] == 1
+            mismatch = next(f for f in in_order if f.name == "counts_reconcile_with_sessions")
+            row = mismatch.failures.row(0, named=True)
+            assert row["no_shows_90d_scored"] == row["no_shows_90d"] + 1

@@ -14,9 +14,9 @@ days) and what finds the partitions a late export touched.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Final
@@ -407,6 +407,12 @@ AUDITS: Final = {
 }
 """Checks of a published score snapshot (:func:`audit_scores`): name -> what it asserts."""
 
+KEYS: Final = ["tutor_id", "as_of"]
+WINDOW_COUNTS: Final = [f"{name}_{w}d" for w in WINDOWS_DAYS for name in COUNTS.values()]
+"""The windowed counts of a score row, in the order of its columns."""
+MICROS_PER_DAY: Final = 86_400_000_000
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -421,26 +427,97 @@ class Finding:
         return self.failures.height == 0
 
 
+def epoch_us(instant: datetime) -> int:
+    """Microseconds since the Unix epoch (a naive ``instant`` is taken to be UTC)."""
+    return (as_utc(instant) - _EPOCH) // timedelta(microseconds=1)
+
+
+class ReferenceCounts:
+    """The windowed counts of score rows as of some instants, counted independently of the
+    scoring path (see :func:`audit_score_parts`): each session read with its exact instant and
+    placed, by binary search, among the instants counted as of and their windows' starts."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, instants: list[datetime]) -> None:
+        """Count, from the warehouse, for the as-of ``instants`` (sorted, UTC)."""
+        as_of_us = np.array([epoch_us(t) for t in instants], dtype=np.int64)
+        # Every instant a count is taken before: T and T - W, for every T and W.
+        self.edges = np.unique(
+            np.concatenate([as_of_us - w * MICROS_PER_DAY for w in (0, *WINDOWS_DAYS)])
+        )
+        tutors = query_frame(
+            con, load_sql("tutor_scores_reference_tutors_select"), {"latest": instants[-1]}
+        )
+        self.tutor_ids = tutors.get_column("tutor_id")
+        self.first_us = tutors.get_column("first_time").dt.epoch("us").to_numpy()
+        con.register("reference_tutors", tutors.select("tutor_id").with_row_index("tutor_rank"))
+        try:
+            sessions = query_frame(
+                con,
+                load_sql("tutor_scores_reference_sessions_select"),
+                {
+                    "earliest": instants[0] - timedelta(days=LONGEST_WINDOW),
+                    "latest": instants[-1],
+                },
+            )
+        finally:
+            con.unregister("reference_tutors")
+        # A session scheduled at x is before edge e iff x < e, i.e. iff e comes after the
+        # side="right" position of x among the edges. Cells are edge-major: the tutors of
+        # one instant are next to each other, as the rows of a snapshot are.
+        n_tutors = self.tutor_ids.len()
+        rank = sessions.get_column("tutor_rank").to_numpy().astype(np.int64)
+        scheduled_us = sessions.get_column("scheduled_us").to_numpy()
+        cell = np.searchsorted(self.edges, scheduled_us, "right") * n_tutors + rank
+        kinds = {
+            "total_sessions": None,
+            "tutor_reschedules": sessions.get_column("moved_by_tutor").to_numpy(),
+            "no_shows": sessions.get_column("no_show").to_numpy(),
+        }
+        self.before: dict[str, np.ndarray] = {}
+        """Count name -> per edge and tutor rank (flat, edge-major), the tutor's sessions of
+        that kind before the edge."""
+        for name, kind in kinds.items():
+            cells = cell if kind is None else cell[kind]
+            per_cell = np.bincount(cells, minlength=(self.edges.size + 1) * n_tutors)
+            # int32: a tutor's sessions fit, and a long range's table takes half the memory.
+            before = per_cell.reshape(-1, n_tutors).cumsum(axis=0, dtype=np.int32)
+            self.before[name] = before.ravel()
+
+    def counts(self, instants: list[datetime]) -> pl.DataFrame:
+        """The windowed counts of every tutor seen before each of ``instants`` (sorted, UTC,
+        among those counted for), sorted by as-of and tutor: as of ``T``, the sessions before
+        ``T`` less those before ``T - W``."""
+        as_of_us = np.array([epoch_us(t) for t in instants], dtype=np.int64)
+        # (instant, rank) pairs in row-major order are (as_of, tutor_id) order.
+        instant_index, rank = np.nonzero(self.first_us[np.newaxis, :] < as_of_us[:, np.newaxis])
+        n_tutors = self.tutor_ids.len()
+        as_of = as_of_us[instant_index]
+        before_as_of = {
+            name: before.take(np.searchsorted(self.edges, as_of) * n_tutors + rank)
+            for name, before in self.before.items()
+        }
+        columns = {}
+        for w in WINDOWS_DAYS:
+            at_start = np.searchsorted(self.edges, as_of - w * MICROS_PER_DAY) * n_tutors + rank
+            for name, before in self.before.items():
+                window = before_as_of[name] - before.take(at_start)
+                columns[f"{name}_{w}d"] = window.astype(np.int64)
+        return pl.DataFrame(
+            {
+                "tutor_id": self.tutor_ids.gather(rank),
+                "as_of": pl.Series(instants, dtype=pl.Datetime("us", "UTC")).gather(instant_index),
+                **{name: columns[name] for name in WINDOW_COUNTS},
+            }
+        )
+
+
 def reference_counts(con: duckdb.DuckDBPyConnection, instants: list[datetime]) -> pl.DataFrame:
-    """Per tutor and as-of instant (instants whole days apart): the windowed counts of a score
-    row, counted independently of the daily activity (``sql/tutor_scores_reference_select.sql``:
-    instants, not day buckets)."""
-    if WINDOWS_DAYS != (7, 30, 90):  # the reference SQL spells the contract's windows out
-        raise NotImplementedError(f"reference counts know 7/30/90-day windows, not {WINDOWS_DAYS}")
+    """Per tutor and as-of instant: the windowed counts of a score row, counted independently
+    of the scoring path (:class:`ReferenceCounts`), sorted by as-of and tutor."""
     utc = sorted({as_utc(t) for t in instants})
     if not utc:
         raise ValueError("no instant to count as of")
-    if any((later - earlier) % timedelta(days=1) for earlier, later in itertools.pairwise(utc)):
-        raise ValueError("as-of instants must lie whole days apart")
-    return query_frame(
-        con,
-        load_sql("tutor_scores_reference_select"),
-        {
-            "instants": utc,
-            "earliest": utc[0] - timedelta(days=LONGEST_WINDOW),
-            "latest": utc[-1],
-        },
-    )
+    return ReferenceCounts(con, utc).counts(utc)
 
 
 def audit_scores(
@@ -470,54 +547,84 @@ def audit_score_parts(
 ) -> list[Finding]:
     """:func:`audit_scores` of the rows ``rows_between(start, end)`` returns (``start <=
     as_of < end``; None: unbounded), read :data:`CHUNK_DAYS` instants at a time, so that a
-    long range is never in memory at once."""
+    long range is never in memory at once.
+
+    The counts are checked against :class:`ReferenceCounts`, an independent count: the
+    scoring path buckets sessions into days (a DATE cast after the day offset) and takes
+    differences of running day totals over a dense day x tutor calendar; the reference never
+    forms days. It reads each session's exact instant with its own SQL, and counts a window
+    ``T - W <= scheduled_time < T`` as the sessions before ``T`` less those before ``T - W``:
+    each session is placed by binary search among the exact instants ``T`` and ``T - W``
+    themselves, whatever their time of day or spacing. A wrong day boundary, offset, window
+    length, lookback or running total on either side shows as a mismatch."""
     utc = sorted({as_utc(t) for t in instants})
-    if len(utc) <= CHUNK_DAYS:
-        return _audit_chunk(con, rows_between(None, None), instants)
-    parts: list[list[Finding]] = []
-    for i in range(0, len(utc), CHUNK_DAYS):
-        chunk = utc[i : i + CHUNK_DAYS]
-        start = chunk[0] if i > 0 else None
-        end = utc[i + CHUNK_DAYS] if i + CHUNK_DAYS < len(utc) else None
-        parts.append(_audit_chunk(con, rows_between(start, end), chunk))
+    if not utc:
+        raise ValueError("no instant to count as of")
+    chunks = [utc[i : i + CHUNK_DAYS] for i in range(0, len(utc), CHUNK_DAYS)]
+    parts: list[dict[str, pl.DataFrame]] = []
+    scored_tutors: list[pl.Series] = []
+    # The reference reads and counts on a connection of its own while the first chunk is read
+    # and validated: either leaves a core idle much of the time.
+    with con.cursor() as own, ThreadPoolExecutor(max_workers=1) as pool:
+        counting = pool.submit(ReferenceCounts, own, utc)
+        for i, chunk in enumerate(chunks):
+            start = chunk[0] if i > 0 else None
+            end = chunks[i + 1][0] if i + 1 < len(chunks) else None
+            scores = rows_between(start, end)
+            scored_tutors.append(scores.get_column("tutor_id").unique())
+            part = _audit_chunk(scores, chunk)
+            expected = counting.result().counts(chunk)
+            part["counts_reconcile_with_sessions"] = _count_mismatches(expected, scores)
+            parts.append(part)
+            del scores, expected  # one chunk of rows in memory at a time
     findings = []
-    for j, name in enumerate(AUDITS):
-        failures = pl.concat([part[j].failures for part in parts], how="vertical_relaxed")
-        if name == "rates_consistent_with_counts":
+    for name in AUDITS:
+        if name == "tutors_known":  # one query for every chunk's tutors
+            failures = _unknown_tutors(con, pl.concat(scored_tutors).unique())
+        else:
+            failures = pl.concat([part[name] for part in parts], how="vertical_relaxed")
+        if len(parts) > 1 and name == "rates_consistent_with_counts":
             failures = (
                 failures.group_by("check", "column")
                 .agg(pl.col("rows").sum().cast(pl.UInt32))
                 .sort("check", "column")
             )
-        elif name == "tutors_known":
-            failures = failures.unique().sort("tutor_id")
-        elif name == "counts_reconcile_with_sessions":
-            failures = failures.sort("tutor_id", "as_of")
+        elif len(parts) > 1 and name == "counts_reconcile_with_sessions":
+            failures = failures.sort(KEYS)
         findings.append(Finding(name, failures))
     return findings
 
 
-def _audit_chunk(
-    con: duckdb.DuckDBPyConnection, scores: pl.DataFrame, instants: list[datetime]
-) -> list[Finding]:
-    """:func:`audit_scores` of the rows for some consecutive instants, at once."""
-    keys = ["tutor_id", "as_of"]
-    duplicates = scores.group_by(keys).len("rows").filter(pl.col("rows") > 1).sort(keys)
-    unexpected_as_of = scores.filter(~pl.col("as_of").is_in(instants)).select(keys)
-    findings = [
-        Finding(
-            "one_row_per_tutor_per_snapshot",
-            pl.concat(
-                [duplicates.drop("rows"), unexpected_as_of.unique(keys).sort(keys)],
-                how="vertical_relaxed",
-            ),
-        )
-    ]
+def _audit_chunk(scores: pl.DataFrame, instants: list[datetime]) -> dict[str, pl.DataFrame]:
+    """The failures of the rows for some consecutive ``instants`` under the checks of
+    :data:`AUDITS` that need nothing but the rows."""
+    duplicates = scores.clear().select(KEYS)
+    if not _strictly_sorted(scores):  # sorted rows (as read) are unique: no hashing needed
+        duplicates = scores.filter(pl.struct(KEYS).is_duplicated()).select(KEYS).unique()
+    unexpected_as_of = scores.filter(~pl.col("as_of").is_in(instants)).select(KEYS).unique()
+    return {
+        "one_row_per_tutor_per_snapshot": pl.concat(
+            [duplicates.sort(KEYS), unexpected_as_of.sort(KEYS)], how="vertical_relaxed"
+        ),
+        "rates_consistent_with_counts": _contract_failures(scores),
+    }
+
+
+def _strictly_sorted(scores: pl.DataFrame) -> bool:
+    """Whether each row's (as_of, tutor_id) comes strictly after the row before's."""
+    as_of, tutor = pl.col("as_of"), pl.col("tutor_id")
+    after = (as_of > as_of.shift()) | ((as_of == as_of.shift()) & (tutor > tutor.shift()))
+    return bool(scores.select(after.slice(1).fill_null(False).all()).item())
+
+
+def _contract_failures(scores: pl.DataFrame) -> pl.DataFrame:
+    """Rows breaking the TutorScores (and, once assessed, TutorRiskTiers) contract, per check
+    and column."""
     broken = [pl.DataFrame(schema={"check": pl.String, "column": pl.String, "rows": pl.UInt32})]
     # A stored row is its scores then its risk tier (schemas.score_row_schema): both contracts.
     # Rows scored but not yet assessed (scoring.py alone, without assessment.py) carry none of
     # the tier columns; a row with some of them must have them all.
-    tiers = set(TutorRiskTiers.to_schema().columns) - {"tutor_id", "as_of"}
+    tiers = set(TutorRiskTiers.to_schema().columns) - set(KEYS)
     assessed = bool(tiers & set(scores.columns))
     for model in (TutorScores, TutorRiskTiers) if assessed else (TutorScores,):
         try:
@@ -540,25 +647,34 @@ def _audit_chunk(
                     schema=broken[0].schema,
                 )
             )
-    contract = pl.concat(broken, how="vertical_relaxed").sort("check", "column")
-    findings.append(Finding("rates_consistent_with_counts", contract))
-    con.register("checked_scores", scores.select("tutor_id").unique())
+    return pl.concat(broken, how="vertical_relaxed").sort("check", "column")
+
+
+def _count_mismatches(expected: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
+    """Rows whose windowed counts differ from ``expected`` (a row on one side only too): the
+    expected counts, then the scored ones (``<count>_scored``), sorted by tutor and as-of."""
+    scored = scores.select(*KEYS, *WINDOW_COUNTS)
+    differs = pl.any_horizontal(pl.col(c).ne_missing(pl.col(f"{c}_scored")) for c in WINDOW_COUNTS)
+    if scored.height == expected.height and scored.select(KEYS).equals(expected.select(KEYS)):
+        # The same rows in the same order (a sound snapshot): compare in place, no join.
+        side_by_side = pl.concat(
+            [expected, scored.drop(KEYS).rename(lambda c: f"{c}_scored")], how="horizontal"
+        )
+        return side_by_side.filter(differs).sort(KEYS)
+    return (
+        expected.join(scored, on=KEYS, how="full", coalesce=True, suffix="_scored")
+        .filter(differs)
+        .sort(KEYS)
+    )
+
+
+def _unknown_tutors(con: duckdb.DuckDBPyConnection, tutor_ids: pl.Series) -> pl.DataFrame:
+    """Those of ``tutor_ids`` missing from the warehouse's ``tutors`` view, sorted."""
+    con.register("checked_scores", tutor_ids.to_frame("tutor_id"))
     try:
-        unknown = query_frame(con, load_sql("tutor_scores_unknown_tutors_select"))
+        return query_frame(con, load_sql("tutor_scores_unknown_tutors_select"))
     finally:
         con.unregister("checked_scores")
-    findings.append(Finding("tutors_known", unknown))
-    counts = [f"{name}_{w}d" for w in WINDOWS_DAYS for name in COUNTS.values()]
-    expected = reference_counts(con, instants)
-    mismatches = (
-        expected.join(
-            scores.select(*keys, *counts), on=keys, how="full", coalesce=True, suffix="_scored"
-        )
-        .filter(pl.any_horizontal(pl.col(c).ne_missing(pl.col(f"{c}_scored")) for c in counts))
-        .sort(keys)
-    )
-    findings.append(Finding("counts_reconcile_with_sessions", mismatches))
-    return findings
 
 
 # Late data
