@@ -79,3 +79,26 @@ def test_dagster_cli_validates_the_workspace(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "All code locations passed validation" in done.stderr + done.stdout
+
+
+def test_a_landing_run_loads_scores_publishes_and_reports() -> None:
+    job = defs.resolve_job_def("landing_ingest_job")
+    assets = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
+    assert assets == {"landing_drops", "tutor_scores_current", "tutor_scores", "email_reports"}
+    # The checks that gate publishing run in the same run, as in the hourly job.
+    checks = {k.name for k in job.asset_layer.asset_graph.asset_check_keys}
+    assert {"one_row_per_tutor_per_snapshot", "rates_consistent_with_counts"} <= checks
+    assert {"tutors_known", "counts_reconcile_with_sessions", "email_delivery_latency"} <= checks
+    # Scored as of the run's own minute; one process for the whole chain.
+    defaults = job.run_config_schema.config_type.fields["ops"].default_value
+    assert defaults["tutor_scores_current"]["config"]["floor"] == "minute"
+    assert job.executor_def.name == "in_process"
+    sensor = next(s for s in defs.sensors or [] if s.name == "landing_sensor")
+    assert sensor.job_name == "landing_ingest_job"
+    # The hourly job keeps its top-of-the-hour snapshot and the dashboard.
+    hourly = defs.resolve_job_def("hourly_scoring_job")
+    assert "dashboard_site" in {
+        k.to_user_string() for k in hourly.asset_layer.executable_asset_keys
+    }
+    report = next(s for s in defs.sensors or [] if s.name == "report_sensor")
+    assert report.minimum_interval_seconds == 300

@@ -1,5 +1,6 @@
-"""The landing sensor (a run per new, complete file, keyed by its hash) and the landing_drops
-asset materialized through Dagster, on a real instance and a real DuckDB file."""
+"""The landing sensor (a run per new, complete file, keyed by its hash; one run for a
+backlog) and the landing_drops asset materialized through Dagster, on a real instance and a
+real DuckDB file."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import pytest
 
 from tutor_scoring_dagster import warehouse
 from tutor_scoring_dagster.config import Settings
+from tutor_scoring_dagster.definitions import defs
 from tutor_scoring_dagster.defs.ingest.assets import landing_drops
 from tutor_scoring_dagster.defs.ingest.sensors import (
+    BATCH_RUN_KEY_PREFIX,
     RUN_KEY_PREFIX,
-    landing_ingest_job,
     landing_sensor,
 )
 from tutor_scoring_dagster.defs.resources import LandingResource, WarehouseResource
@@ -148,7 +150,7 @@ def test_the_same_bytes_renamed_or_dropped_again_are_not_requested(
     assert request.run_key == RUN_KEY_PREFIX + sha(path)
 
 
-def test_several_new_files_give_one_run_each_oldest_first(watcher: Watcher, landing: Path) -> None:
+def test_several_new_files_go_to_one_run_oldest_first(watcher: Watcher, landing: Path) -> None:
     for i in (1, 2, 3):
         path = landing / f"sessions_{i}.csv"
         path.write_text(sessions_text(f"S{i}"), encoding="utf-8")
@@ -156,10 +158,9 @@ def test_several_new_files_give_one_run_each_oldest_first(watcher: Watcher, land
     (landing / "reschedules_1.csv").symlink_to(landing / "sessions_1.csv")  # left to the hourly
     (landing / "archive").mkdir()
     watcher.tick()
-    requests = watcher.requested()
-    names = [r.tags["tutor_scoring/landing_file"] for r in requests]
-    assert names == ["sessions_1.csv", "sessions_2.csv", "sessions_3.csv"]
-    assert len({r.run_key for r in requests}) == 3
+    (request,) = watcher.requested()
+    paths = request.run_config["ops"]["landing_drops"]["config"]["paths"]
+    assert [Path(p).name for p in paths] == ["sessions_1.csv", "sessions_2.csv", "sessions_3.csv"]
 
 
 def test_the_cursor_survives_a_restart_and_a_lost_cursor_repeats_the_same_run_key(
@@ -207,23 +208,26 @@ def _resources(home: Settings) -> dict[str, object]:
     }
 
 
-def test_a_sensor_request_runs_the_ingest_job_and_loads_the_file(
+def test_a_sensor_request_runs_the_landing_job_and_loads_only_its_file(
     watcher: Watcher, landing: Path, home: Settings, instance: dg.DagsterInstance
 ) -> None:
     path = landing / "sessions_1.csv"
     path.write_text(sessions_text("S1", "S2"), encoding="utf-8")
+    watcher.tick()
+    (first,) = watcher.requested()
     (landing / "sessions_2.csv").write_text(sessions_text("S3"), encoding="utf-8")
     watcher.tick()
-    first, second = watcher.requested()
-    defs = dg.Definitions(
-        assets=[landing_drops],
-        jobs=[landing_ingest_job],
-        sensors=[landing_sensor],
-        resources=_resources(home),
-    )
+    (second,) = watcher.requested()
+    # The code location's job: ingest, then the snapshot, its checks, publish and reports.
     job = defs.resolve_job_def("landing_ingest_job")
     result = job.execute_in_process(run_config=first.run_config, instance=instance)
     assert result.success
+    assert {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()} == {
+        "landing_drops",
+        "tutor_scores_current",
+        "tutor_scores",
+        "email_reports",
+    }
     # Only the requested file was loaded; the other waits for its own run.
     assert sorted(p.name for p in landing.iterdir() if p.is_file()) == ["sessions_2.csv"]
     with warehouse.connect(home.warehouse) as con:
@@ -232,11 +236,39 @@ def test_a_sensor_request_runs_the_ingest_job_and_loads_the_file(
     # A retried run of the same request finds its file gone: nothing happens, nothing fails.
     again = job.execute_in_process(run_config=first.run_config, instance=instance)
     assert again.success
-    (event,) = again.get_asset_materialization_events()
+    (event,) = [
+        e
+        for e in again.get_asset_materialization_events()
+        if e.asset_key == dg.AssetKey("landing_drops")
+    ]
     metadata = event.materialization.metadata
     assert metadata["files_skipped"].value == 1
     assert metadata["rows_loaded"].value == 0
     assert second.run_key != first.run_key
+
+
+def test_the_files_of_a_tick_go_to_one_run_whose_key_names_the_set(
+    watcher: Watcher, landing: Path
+) -> None:
+    """A drop's files (or a backlog) seen complete on the same tick load, score and report
+    together: one snapshot with all of them, never one per file."""
+    count = 5
+    for i in range(count):
+        path = landing / f"sessions_{i}.csv"
+        path.write_text(sessions_text(f"S{i}"), encoding="utf-8")
+        os.utime(path, ns=(0, (i + 1) * 1_000_000_000))
+    watcher.tick()
+    (request,) = watcher.requested()
+    paths = request.run_config["ops"]["landing_drops"]["config"]["paths"]
+    assert [Path(p).name for p in paths] == [f"sessions_{i}.csv" for i in range(count)]
+    hashes = "\n".join(sorted(sha(landing / Path(p).name) for p in paths))
+    assert request.run_key == BATCH_RUN_KEY_PREFIX + hashlib.sha256(hashes.encode()).hexdigest()
+    assert request.tags["tutor_scoring/landing_file"].startswith(f"{count} files: sessions_0")
+    # A lost cursor gives the same set, so the same key: Dagster launches nothing new.
+    lost = Watcher(watcher.instance, landing)
+    lost.tick()
+    (again,) = lost.requested()
+    assert again.run_key == request.run_key
 
 
 def test_materializing_landing_drops_reports_each_file(

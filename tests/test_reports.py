@@ -560,6 +560,13 @@ def test_keys_round_trip(tutor_id: str) -> None:
             parse_key(bad)
 
 
+def test_every_snapshot_of_an_hour_shares_one_digest_key() -> None:
+    # Landing runs publish a snapshot per drop; the digest stays one per hour.
+    assert digest_key(T) == digest_key(T + timedelta(minutes=2)) == "digest:2026-03-01T12:00Z"
+    assert digest_key(T + timedelta(minutes=59, seconds=59)) == digest_key(T)
+    assert digest_key(T + timedelta(hours=1)) == "digest:2026-03-01T13:00Z"
+
+
 def test_claims_are_exclusive_retried_with_backoff_and_closed(store_url: str) -> None:
     engine = sa.create_engine(store_url)
     ensure_current(engine)

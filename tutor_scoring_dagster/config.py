@@ -109,7 +109,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("SENDGRID_API_KEY", None, "SendGrid API key (EMAIL_SERVICE=sendgrid).", secret=True),
     Setting("SENDGRID_HOST", "https://api.sendgrid.com", "SendGrid API base URL."),
     # Read by reports.ReportSettings.from_env (listed here so this table stays complete).
-    Setting("DIGEST_WHEN_NOTHING_NEW", "false", "Send a digest for every snapshot, even quiet."),
+    Setting("DIGEST_WHEN_NOTHING_NEW", "false", "Send the hourly digest even in a quiet hour."),
     Setting("TUTOR_ALERTS", "true", "An alert per tutor who newly crosses the risk rule."),
     Setting("PER_SESSION_REPORTS", "false", "Batched per-session reports (the old system's)."),
     Setting("SESSION_REPORT_BATCH_SIZE", "200", "About how many sessions per session report."),

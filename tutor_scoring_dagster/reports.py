@@ -3,8 +3,9 @@ deliver each message exactly once per idempotency key (DESIGN.md, "Reports and e
 
 Three kinds of report, each a template pair in ``reports/`` sharing ``base.html.j2``:
 
-- the **digest** of a score snapshot (key ``digest:<as of>``) to ADMIN_EMAIL: what was
-  processed and who changed risk since the last digest, the high-risk list, data quality;
+- the **digest**, at most one an hour (key ``digest:<hour of the snapshot>``), to
+  ADMIN_EMAIL: what was processed and who changed risk since the last digest, the high-risk
+  list, data quality;
 - a **high-risk alert** per tutor that newly crosses the risk rule
   (``alert:<tutor>:<day it crossed>``), with the tutor's recent reschedules and trend;
 - **session reports** (off by default): the sessions published since the last batch with their
@@ -48,7 +49,7 @@ from tutor_scoring_dagster.delivery import (
 )
 from tutor_scoring_dagster.paths import REPORTS_DIR, load_sql
 from tutor_scoring_dagster.schemas import FLAGGED_TIERS, WINDOWS_DAYS
-from tutor_scoring_dagster.scoring import RiskRule, as_utc, score_as_of
+from tutor_scoring_dagster.scoring import RiskRule, as_utc, floor_to_hour, score_as_of
 from tutor_scoring_dagster.store import ledger
 from tutor_scoring_dagster.store import report_reads as rr
 from tutor_scoring_dagster.store.reads import current_scores
@@ -62,6 +63,8 @@ SESSIONS: Final = "sessions"
 KINDS: Final = (ALERT, SESSIONS, DIGEST)
 """Report kinds in the order a run sends them: the digest last, after the alerts it sums up."""
 
+DIGEST_RENDER_TRIES: Final = 3
+"""Times a digest is rendered again when a publish of the same hour lands while it renders."""
 ALERT_DEDUP: Final = timedelta(hours=24)
 """A tutor gets at most one alert per crossing the snapshot flags (its flag looks back a day)."""
 FIRST_SESSION_BATCH: Final = timedelta(hours=24)
@@ -159,8 +162,10 @@ class ReportSettings:
 
 
 def digest_key(as_of: datetime) -> str:
-    """The idempotency key of the digest of the snapshot as of ``as_of``."""
-    return f"{DIGEST}:{as_utc(as_of):%Y-%m-%dT%H:%MZ}"
+    """The idempotency key of the digest that a snapshot as of ``as_of`` may carry: the hour
+    the snapshot falls in. Landing runs publish a snapshot per drop (alerts go with any of
+    them), but the digest stays hourly: one key, so at most one message, per hour."""
+    return f"{DIGEST}:{floor_to_hour(as_of):%Y-%m-%dT%H:%MZ}"
 
 
 def history_last_day(as_of: datetime) -> date:
@@ -825,18 +830,23 @@ def _render_due(
 ) -> Report:
     parsed = parse_key(due.key)
     if parsed.kind == DIGEST:
-        if as_of is None or due.key != digest_key(as_of):
-            raise _Gone(f"{ledger.SUPERSEDED} by {digest_key(as_of) if as_of else 'none'}")
-        try:
-            return render_digest(
-                engine,
-                warehouse(),
-                as_of=as_of,
-                config=config,
-                previous=ledger.last_sent(engine, DIGEST),
-            )
-        except SnapshotMoved as moved:
-            raise _Gone(str(moved)) from None
+        # The hour's digest describes whichever snapshot of that hour the store holds when it
+        # renders: a landing run may publish a newer one between finding and rendering.
+        for _ in range(DIGEST_RENDER_TRIES):
+            if as_of is None or due.key != digest_key(as_of):
+                raise _Gone(f"{ledger.SUPERSEDED} by {digest_key(as_of) if as_of else 'none'}")
+            try:
+                return render_digest(
+                    engine,
+                    warehouse(),
+                    as_of=as_of,
+                    config=config,
+                    previous=ledger.last_sent(engine, DIGEST),
+                )
+            except SnapshotMoved:
+                as_of = rr.snapshot_as_of(engine)
+        # Still moving: fail this attempt, so the sensor retries it (within the hour) later.
+        raise SnapshotMoved(f"the snapshot kept moving while {due.key} rendered")
     if parsed.kind == ALERT:
         assert parsed.tutor_id is not None and parsed.day is not None
         if as_of is None:

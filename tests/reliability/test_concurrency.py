@@ -129,7 +129,8 @@ def test_ingest_hourly_and_backfill_runs_share_the_warehouse_without_lock_errors
     in_process = {"execution": {"config": {"in_process": {}}}}
 
     def ingest(part: list[str]) -> str:
-        config = {**in_process, "ops": {"landing_drops": {"config": {"paths": part}}}}
+        # The landing job runs in one process already (its own executor).
+        config = {"ops": {"landing_drops": {"config": {"paths": part}}}}
         return launch(daemon.env, "landing_ingest_job", config)
 
     submissions = [

@@ -92,6 +92,10 @@ def previous_publish(context: dg.AssetExecutionContext) -> tuple[StoreMark, str]
     kinds={"postgres", "sqlalchemy"},
     deps=[tutor_scores_current],
     retry_policy=STORE_RETRY,
+    # In the warehouse pool, publishes and snapshots take turns: a publish ships the newest
+    # snapshot as its step starts and commits it before another snapshot replaces it, so the
+    # store never goes back to an older one when landing runs overlap.
+    pool="warehouse",
     owners=["team:data"],
 )
 def tutor_scores(

@@ -1,4 +1,5 @@
-"""The report sensor: launches a report run whenever report work is due."""
+"""The report sensor: launches a report run for report work that is due and that no
+publishing run has sent (retries, expired claims)."""
 
 from datetime import UTC, datetime
 
@@ -10,8 +11,11 @@ from tutor_scoring_dagster.defs.resources import ServingStoreResource
 from tutor_scoring_dagster.reports import IngestNews, ReportSettings, find_due_work
 
 REPORT_SENSOR_INTERVAL_S = 300
-"""How often the sensor looks (one cheap query). Work is due at most once per hourly
-snapshot, so this bounds how long after a publish its reports wait, not how often they go."""
+"""How often the sensor looks (a few cheap queries). It is the safety net, not the fresh path:
+every run that publishes a snapshot (landing runs, the hourly job) sends what is due in the
+same run. What is left for the sensor is retries, whose backoff starts at 5 minutes (so
+looking more often would not resend sooner), claims whose lease expired, and work a run
+could not send (its report step failed before claiming); 5 minutes bounds those waits."""
 
 INGEST_ASSET = dg.AssetKey("landing_drops")
 
@@ -51,10 +55,12 @@ def ingest_news_in(instance: dg.DagsterInstance) -> IngestNews:
     job=email_reports_job,
     minimum_interval_seconds=REPORT_SENSOR_INTERVAL_S,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Finds report work that is due (new snapshot with news, newly high-risk "
-    "tutors, session batches, failed reports whose retry time came) in the serving store's "
-    "ledger and snapshot, and launches email_reports_job for it. The run key names the due "
-    "keys and attempts, so a tick never launches the same work twice.",
+    description="Finds report work that is still due (failed reports whose retry time came, "
+    "claims whose lease expired, and anything a publishing run left unsent: the hour's digest, "
+    "newly high-risk tutors, session batches) in the serving store's ledger and snapshot, and "
+    "launches email_reports_job for it. Landing runs and the hourly job send their own reports; "
+    "this is the safety net. The run key names the due keys and attempts, so a tick never "
+    "launches the same work twice.",
 )
 def report_sensor(
     context: dg.SensorEvaluationContext, serving_store: ServingStoreResource
