@@ -204,6 +204,8 @@ def test_reference_counts_match_plain_python(generated: Path) -> None:
     instants += [edge, edge + timedelta(days=30), edge + timedelta(days=7, microseconds=1)]
     with warehouse.connect(generated, read_only=True) as con:
         counted = reference_counts(con, instants)
+        # Before anyone's first session (a warehouse's first hour): no tutor, no row.
+        assert reference_counts(con, [datetime(2000, 1, 1, tzinfo=UTC)]).height == 0
     assert counted.select("as_of", "tutor_id").equals(
         counted.select("as_of", "tutor_id").sort(pl.all())
     )

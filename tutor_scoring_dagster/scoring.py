@@ -480,7 +480,7 @@ class ReferenceCounts:
             cells = cell if kind is None else cell[kind]
             per_cell = np.bincount(cells, minlength=(self.edges.size + 1) * n_tutors)
             # int32: a tutor's sessions fit, and a long range's table takes half the memory.
-            before = per_cell.reshape(-1, n_tutors).cumsum(axis=0, dtype=np.int32)
+            before = per_cell.reshape(self.edges.size + 1, n_tutors).cumsum(axis=0, dtype=np.int32)
             self.before[name] = before.ravel()
 
     def counts(self, instants: list[datetime]) -> pl.DataFrame:
