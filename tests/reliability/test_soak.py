@@ -28,7 +28,11 @@ import sqlalchemy as sa
 
 from tutor_scoring_dagster.config import Settings
 from tutor_scoring_dagster.defs.ingest.assets import landing_drops
-from tutor_scoring_dagster.defs.ingest.sensors import RUN_KEY_PREFIX, landing_sensor
+from tutor_scoring_dagster.defs.ingest.sensors import (
+    BATCH_RUN_KEY_PREFIX,
+    RUN_KEY_PREFIX,
+    landing_sensor,
+)
 from tutor_scoring_dagster.defs.jobs import run_pipeline
 from tutor_scoring_dagster.defs.resources import LandingResource, default_resources
 from tutor_scoring_dagster.generate import generate_drops
@@ -102,12 +106,12 @@ class Soak:
         self.cursor = result.cursor
         requests = list(result.run_requests or [])
         for r in requests:
-            assert r.run_key and r.run_key.startswith(RUN_KEY_PREFIX)
+            assert r.run_key and r.run_key.startswith((RUN_KEY_PREFIX, BATCH_RUN_KEY_PREFIX))
             self.run_keys[r.run_key] += 1
         return requests
 
     def ingest(self, requests: list[dg.RunRequest]) -> None:
-        """The sensor's runs (one per file in production; their paths together here)."""
+        """The sensor's runs (one per tick in production; their paths together here)."""
         if not requests:
             return
         paths = [
