@@ -3,7 +3,9 @@
 A file is identified by the sha256 of its bytes. Each file loads in one DuckDB transaction
 (its valid rows, its rejected rows and its ``loaded_files`` entry together), then moves to the
 archive; a file with nothing loadable moves to quarantine with a ``.reason.txt`` sidecar.
-Nothing in the landing folder is ever deleted.
+Nothing in the landing folder is ever deleted. A pass of many files (a backfill, a rebuild)
+reads, validates and loads them in batches of consecutive files, one transaction per batch,
+each file ending exactly as it would alone.
 
 The landing folder is also watched from here (`scan_landing`, used by the Dagster sensor): a
 file is handed to ingest once it has been seen unchanged twice, and only once per content hash.
@@ -27,7 +29,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal, TextIO
@@ -55,6 +57,13 @@ DEFER_CHECKPOINTS_FILES: Final = 10
 PASS_CHECKPOINT_THRESHOLD: Final = "1GB"
 PREPARE_AHEAD: Final = 1
 """Files read and validated ahead of the one loading (each held in memory until loaded)."""
+BATCH_MIN_FILES: Final = 100
+"""A pass of at least this many files (a backfill, a rebuild) is ingested in batches; a
+smaller one (the sensor's one-file runs, an hourly sweep) one file at a time."""
+BATCH_MAX_FILES: Final = 64
+BATCH_MAX_ROWS: Final = 500_000
+"""A batch is at most this many consecutive files, and stops at the file that brings its rows
+read to this many: what it holds in memory (twice, with the next batch being prepared)."""
 
 MAX_HEADER_BYTES: Final = 1 << 20
 """A header row longer than this (1 MiB) is refused before parsing."""
@@ -738,19 +747,40 @@ class TypedDrop:
         return self.rejected.get_column("line_number").n_unique()
 
 
+_IDS: Final = ("_row", "_file", "_line")
+"""Columns `type_and_validate_many` adds: the row's position in the group, its file's index
+in the group and its record number in that file."""
+
+
 def type_and_validate(frame: pl.DataFrame, entity: str, *, first_line: int) -> TypedDrop:
     """Type a file's columns and validate its rows against the entity's Pandera model.
 
     ``first_line`` is the line number of the first data row (2 for a CSV with a header).
     Rows with every cell empty (blank lines) are skipped: neither counted, loaded nor rejected.
     """
+    return type_and_validate_many([frame], entity, first_line=first_line)[0]
+
+
+def type_and_validate_many(
+    frames: Sequence[pl.DataFrame], entity: str, *, first_line: int
+) -> list[TypedDrop]:
+    """`type_and_validate` for files of one entity and the same columns (names, order and
+    types), typed and validated together (one Pandera call): each file's outcome is what it
+    would be alone."""
+    frame = frames[0]
     columns = drop_columns(entity)
     extras = [c for c in frame.columns if c not in columns]
-    source = frame.with_row_index("_row")
+    source = pl.concat(
+        [
+            f.with_row_index("_line").with_columns(pl.lit(i, dtype=pl.UInt32).alias("_file"))
+            for i, f in enumerate(frames)
+        ],
+        how="vertical",
+    ).with_row_index("_row")
     if frame.width:
         # A blank line, or one of commas only, reads as a row of nulls.
-        source = source.filter(~pl.all_horizontal(pl.exclude("_row").is_null()))
-    typed_columns = [source.get_column("_row")]
+        source = source.filter(~pl.all_horizontal(pl.exclude(_IDS).is_null()))
+    typed_columns = [source.get_column(c) for c in _IDS]
     parse_errors = []
     for name, dtype in columns.items():
         if name not in frame.columns:
@@ -782,16 +812,18 @@ def type_and_validate(frame: pl.DataFrame, entity: str, *, first_line: int) -> T
         ["_row", "column_name"], keep="first", maintain_order=True
     )
     bad_rows = failures.get_column("_row").unique().implode()
-    line = pl.col("_row").cast(pl.Int64) + first_line
+    line = pl.col("_line").cast(pl.Int64) + first_line
     # The row as it was read, to fix and re-drop: built for rejected rows only.
     raw_records = source.filter(pl.col("_row").is_in(bad_rows)).select(
         "_row",
-        pl.struct(pl.exclude("_row").cast(pl.String)).struct.json_encode().alias("raw_record"),
+        "_file",
+        "_line",
+        pl.struct(pl.exclude(_IDS).cast(pl.String)).struct.json_encode().alias("raw_record"),
     )
     rejected = (
         failures.join(raw_records, on="_row")
         .sort("_row", "column_name")
-        .select(line.alias("line_number"), "column_name", "reason", "raw_record")
+        .select("_file", line.alias("line_number"), "column_name", "reason", "raw_record")
     )
     # Unknown columns ride along as one JSON object per row.
     extra = (
@@ -802,8 +834,28 @@ def type_and_validate(frame: pl.DataFrame, entity: str, *, first_line: int) -> T
     keep = ~pl.col("_row").is_in(bad_rows)
     extra_column = source.select("_row", extra.alias("extra_columns")).get_column("extra_columns")
     valid = typed.with_columns(extra_column).filter(keep)
-    valid = valid.select(pl.exclude("_row"), line.alias("source_line"))
-    return TypedDrop(valid=valid, rejected=rejected, rows_read=source.height)
+    valid = valid.select(pl.exclude(_IDS), line.alias("source_line"), "_file")
+    # Rows stay in file order, so each file's rows are one slice of the group's.
+    read, loaded, bad = (_rows_per_file(f, len(frames)) for f in (source, valid, rejected))
+    out = []
+    at_valid = at_bad = 0
+    for n_read, n_valid, n_bad in zip(read, loaded, bad, strict=True):
+        out.append(
+            TypedDrop(
+                valid=valid.slice(at_valid, n_valid).drop("_file"),
+                rejected=rejected.slice(at_bad, n_bad).drop("_file"),
+                rows_read=n_read,
+            )
+        )
+        at_valid += n_valid
+        at_bad += n_bad
+    return out
+
+
+def _rows_per_file(frame: pl.DataFrame, files: int) -> list[int]:
+    """How many rows of ``frame`` each of ``files`` files has (by ``_file``)."""
+    counts = dict(frame.get_column("_file").value_counts().iter_rows())
+    return [counts.get(i, 0) for i in range(files)]
 
 
 def _type_name(dtype: pl.DataType) -> str:
@@ -823,7 +875,7 @@ def _pandera_failures(typed: pl.DataFrame, entity: str) -> pl.DataFrame:
     model = DROP_MODELS[entity]
     empty = pl.DataFrame(schema={"_row": pl.UInt32, "column_name": pl.String, "reason": pl.String})
     try:
-        model.validate(typed.drop("_row"), lazy=True)
+        model.validate(typed.drop(_IDS), lazy=True)
         return empty
     except pa.errors.SchemaErrors as exc:
         cases = exc.failure_cases
@@ -904,59 +956,121 @@ def load_drop(
     ``fail_after_rows`` fails after inserting that many rows, inside the transaction (tests of
     atomicity).
     """
-    assert drop.entity is not None
-    table = raw_table(drop.entity)
-    order = list(raw_frame_schema(drop.entity))
-    low, high = touched_range(drop.entity, typed.valid)
+    return load_drops(con, [(drop, digest, typed)], fail_after_rows=fail_after_rows)[0]
+
+
+LEDGER_SCHEMA: Final[dict[str, pl.DataType]] = {
+    "file_hash": pl.String(),
+    "load_id": pl.Int64(),
+    "entity": pl.String(),
+    "file_name": pl.String(),
+    "loaded_at": pl.Datetime("us", "UTC"),
+    "rows_read": pl.Int64(),
+    "rows_loaded": pl.Int64(),
+    "rows_rejected": pl.Int64(),
+    "min_scheduled_time": pl.Datetime("us", "UTC"),
+    "max_scheduled_time": pl.Datetime("us", "UTC"),
+}
+"""Columns of ``loaded_files`` a load writes."""
+
+
+def _tagged(frames: Sequence[pl.DataFrame], per_file: pl.DataFrame) -> pl.DataFrame:
+    """Files' rows one after another, each row with its file's columns of ``per_file`` (one
+    row per file, in the same order)."""
+    heights = pl.Series("_n", [f.height for f in frames], dtype=pl.Int64)
+    tags = (
+        per_file.with_columns(heights)
+        .filter(pl.col("_n") > 0)  # an empty list would explode into a row of nulls
+        .select(pl.exclude("_n").repeat_by(pl.col("_n")))
+        .explode(per_file.columns)
+    )
+    return pl.concat(frames, how="vertical").hstack(tags)
+
+
+def load_drops(
+    con: duckdb.DuckDBPyConnection,
+    files: Sequence[tuple[Drop, str, TypedDrop]],
+    *,
+    fail_after_rows: int | None = None,
+) -> list[int]:
+    """Load typed files, in order, in a single transaction; return their load ids.
+
+    Each file gets what a load of its own would give: a load id (in the files' order), its
+    rows and rejected rows under that id and its name, and its ``loaded_files`` entry.
+    ``fail_after_rows`` fails after inserting that many rows, inside the transaction (tests of
+    atomicity).
+    """
+    drops = [drop for drop, _, _ in files]
+    names = [drop.path.name for drop in drops]
+    entities = [drop.entity for drop in drops]
+    assert None not in entities
+    loaded_at = datetime.now(UTC)
     con.execute("BEGIN TRANSACTION")
     try:
-        row = fetch_one(con, "SELECT nextval('load_ids')")
-        assert row is not None
-        load_id = int(row[0])  # type: ignore[call-overload]
-        valid = typed.valid.with_columns(
-            pl.lit(load_id, dtype=pl.Int64).alias("load_id"),
-            pl.lit(drop.path.name).alias("source_file"),
-        ).select(order)
-        rejected = typed.rejected.with_columns(
-            pl.lit(load_id, dtype=pl.Int64).alias("load_id"),
-            pl.lit(drop.entity).alias("entity"),
-            pl.lit(drop.path.name).alias("source_file"),
-        ).select(
+        ids = [
+            int(row[0])
+            for row in con.execute(
+                load_sql("load_ids_next_select"), {"files": len(files)}
+            ).fetchall()
+        ]
+        tags = pl.DataFrame(
+            {"load_id": ids, "source_file": names, "entity": entities},
+            schema={"load_id": pl.Int64, "source_file": pl.String, "entity": pl.String},
+        )
+        rejected = _tagged([typed.rejected for _, _, typed in files], tags).select(
             "load_id", "entity", "source_file", "line_number", "column_name", "reason", "raw_record"
         )
-        if fail_after_rows is not None:
-            valid = valid.head(fail_after_rows)
-        con.register("incoming_rows", valid)
-        con.register("incoming_rejects", rejected)
-        # The table name comes from a closed set (raw_table), never from input.
-        con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming_rows")  # noqa: S608
+        ranges = [touched_range(drop.entity or "", typed.valid) for drop, _, typed in files]
+        ledger = pl.DataFrame(
+            [
+                (
+                    digest,
+                    load_id,
+                    drop.entity,
+                    drop.path.name,
+                    loaded_at,
+                    typed.rows_read,
+                    typed.valid.height,
+                    typed.rows_rejected,
+                    low,
+                    high,
+                )
+                for (drop, digest, typed), load_id, (low, high) in zip(
+                    files, ids, ranges, strict=True
+                )
+            ],
+            schema=LEDGER_SCHEMA,
+            orient="row",
+        )
+        inserted = 0
+        for entity in dict.fromkeys(entities):
+            assert entity is not None
+            mine = [i for i, e in enumerate(entities) if e == entity]
+            valid = _tagged(
+                [files[i][2].valid for i in mine], tags[mine].select("load_id", "source_file")
+            ).select(list(raw_frame_schema(entity)))
+            if fail_after_rows is not None:
+                valid = valid.head(max(0, fail_after_rows - inserted))
+            con.register("incoming_rows", valid)
+            # The table name comes from a closed set (raw_table), never from input.
+            con.execute(f"INSERT INTO {raw_table(entity)} BY NAME SELECT * FROM incoming_rows")  # noqa: S608
+            con.unregister("incoming_rows")
+            inserted += valid.height
         if fail_after_rows is not None:
             _fail(fail_after_rows)
+        con.register("incoming_rejects", rejected)
         con.execute("INSERT INTO rejected_rows BY NAME SELECT * FROM incoming_rejects")
-        con.execute(
-            load_sql("loaded_files_insert"),
-            {
-                "file_hash": digest,
-                "load_id": load_id,
-                "entity": drop.entity,
-                "file_name": drop.path.name,
-                "loaded_at": datetime.now(UTC),
-                "rows_read": typed.rows_read,
-                "rows_loaded": typed.valid.height,
-                "rows_rejected": typed.rows_rejected,
-                "min_scheduled_time": low,
-                "max_scheduled_time": high,
-            },
-        )
+        con.register("incoming_files", ledger)
+        con.execute(load_sql("loaded_files_batch_insert"))
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
     finally:
-        for name in ("incoming_rows", "incoming_rejects"):
+        for name in ("incoming_rows", "incoming_rejects", "incoming_files"):
             with contextlib.suppress(duckdb.Error):
                 con.unregister(name)
-    return load_id
+    return ids
 
 
 def _free_name(folder: Path, name: str, digest: str) -> Path:
@@ -1110,6 +1224,7 @@ class PreparedFile:
     rejected: str | None = None  # why nothing of the file can be loaded
     link_target: str | None = None  # a symbolic link: quarantined as it is, never read
     gone: bool = False  # no longer in the landing folder
+    load_id: int | None = None  # loaded with its batch (`ingest_landing`), not yet archived
 
 
 UNREADABLE: Final = (
@@ -1130,14 +1245,68 @@ def prepare_file(path: Path) -> PreparedFile:
     """Everything of a file's ingest that needs no warehouse: read it once (the bytes hashed
     are the bytes loaded, even if the file changes meanwhile), type and validate its rows.
     Runs ahead of loading in `ingest_landing`, on another core."""
+    ready, frame = _read_file(path)
+    return ready if frame is None else _validated(ready, frame)
+
+
+def prepare_files(paths: Sequence[Path], *, max_rows: int) -> list[PreparedFile]:
+    """`prepare_file` for the first of ``paths`` (at least one, and no more once ``max_rows``
+    rows are read), in order: files of one entity and column layout are typed and validated
+    together (one Pandera call), each ending as it would alone."""
+    read: list[tuple[PreparedFile, pl.DataFrame | None]] = []
+    rows = 0
+    for path in paths:
+        if rows >= max_rows:
+            break
+        ready, frame = _read_file(path)
+        read.append((ready, frame))
+        rows += 0 if frame is None else frame.height
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for i, (ready, frame) in enumerate(read):
+        if frame is not None:
+            key = (ready.drop.entity, ready.drop.fmt, tuple(frame.schema.items()))
+            groups.setdefault(key, []).append(i)
+    out = [ready for ready, _ in read]
+    for members in groups.values():
+        frames = [frame for i in members if (frame := read[i][1]) is not None]
+        typed = _validated_together(frames, out[members[0]].drop)
+        for pos, i in enumerate(members):
+            out[i] = (
+                _validated(out[i], frames[pos]) if typed is None else _checked(out[i], typed[pos])
+            )
+    return out
+
+
+def _validated_together(frames: Sequence[pl.DataFrame], drop: Drop) -> list[TypedDrop] | None:
+    """`type_and_validate_many` on a group of files; None when the group is one file, or
+    fails as a whole (each file is then validated alone, so that a file breaking typing is
+    quarantined alone and the others load)."""
+    if len(frames) < 2 or drop.entity is None:
+        return None
+    try:
+        return type_and_validate_many(frames, drop.entity, first_line=_first_line(drop))
+    except (Exception, pl.exceptions.PanicException) as exc:
+        log.info("validating %d %s files one by one: %s", len(frames), drop.entity, exc)
+        return None
+
+
+def _first_line(drop: Drop) -> int:
+    """The line number of a file's first data row (a CSV's first line is its header)."""
+    return 2 if drop.fmt == "csv" else 1
+
+
+def _read_file(path: Path) -> tuple[PreparedFile, pl.DataFrame | None]:
+    """A file read, hashed and its columns checked; its frame is None when it ends here
+    (a link, gone, or rejected)."""
     drop = classify(path)
     if path.is_symlink():
-        return PreparedFile(path, drop, link_target=os.readlink(path))
+        return PreparedFile(path, drop, link_target=os.readlink(path)), None
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return PreparedFile(path, drop, gone=True)
+        return PreparedFile(path, drop, gone=True), None
     digest = hashlib.sha256(data).hexdigest()
+    ready = PreparedFile(path, drop, digest)
     try:
         if drop.entity is None:
             raise FileRejected(
@@ -1149,24 +1318,45 @@ def prepare_file(path: Path) -> PreparedFile:
         frame = read_drop(drop, data)
         del data
         check_columns(frame, drop.entity, fmt=drop.fmt)
-        typed = type_and_validate(frame, drop.entity, first_line=2 if drop.fmt == "csv" else 1)
-        if typed.valid.height == 0:
-            if typed.rows_read == 0:
-                raise FileRejected("the file has no rows (only blank lines)")
-            first = typed.rejected.row(0, named=True)
-            raise FileRejected(
-                f"every one of {typed.rows_read} rows is invalid (e.g. line "
-                f"{first['line_number']}, {first['column_name']}: {first['reason']})"
-            )
     except FileRejected as exc:
-        return PreparedFile(path, drop, digest, rejected=str(exc))
+        return replace(ready, rejected=str(exc)), None
     except UNREADABLE as exc:
-        # A file that breaks reading or typing in a way not foreseen above: quarantined with
-        # the error, never left in landing to fail every later run (a poison pill).
-        log.warning("cannot read %s", path.name, exc_info=True)
-        why = f"cannot read or validate the file ({type(exc).__name__}: {_one_line(exc)})"
-        return PreparedFile(path, drop, digest, rejected=why)
-    return PreparedFile(path, drop, digest, typed=typed)
+        return _unreadable(ready, exc), None
+    return ready, frame
+
+
+def _validated(ready: PreparedFile, frame: pl.DataFrame) -> PreparedFile:
+    """A read file typed and validated on its own."""
+    assert ready.drop.entity is not None
+    try:
+        typed = type_and_validate(frame, ready.drop.entity, first_line=_first_line(ready.drop))
+    except FileRejected as exc:
+        return replace(ready, rejected=str(exc))
+    except UNREADABLE as exc:
+        return _unreadable(ready, exc)
+    return _checked(ready, typed)
+
+
+def _checked(ready: PreparedFile, typed: TypedDrop) -> PreparedFile:
+    """A validated file, rejected whole when none of its rows is loadable."""
+    if typed.valid.height > 0:
+        return replace(ready, typed=typed)
+    if typed.rows_read == 0:
+        return replace(ready, rejected="the file has no rows (only blank lines)")
+    first = typed.rejected.row(0, named=True)
+    return replace(
+        ready,
+        rejected=f"every one of {typed.rows_read} rows is invalid (e.g. line "
+        f"{first['line_number']}, {first['column_name']}: {first['reason']})",
+    )
+
+
+def _unreadable(ready: PreparedFile, exc: BaseException) -> PreparedFile:
+    # A file that breaks reading or typing in a way not foreseen: quarantined with the
+    # error, never left in landing to fail every later run (a poison pill).
+    log.warning("cannot read %s", ready.path.name, exc_info=True)
+    why = f"cannot read or validate the file ({type(exc).__name__}: {_one_line(exc)})"
+    return replace(ready, rejected=why)
 
 
 def ingest_file(
@@ -1181,10 +1371,13 @@ def ingest_file(
     """Load one landing file (or recognise it as loaded already) and move it out of landing.
 
     A symbolic link is quarantined as it is: its target is never opened. ``prepared`` is the
-    file's `prepare_file`, when it was done ahead.
+    file's `prepare_file`, when it was done ahead (with its ``load_id`` when its batch loaded
+    it: the file is then archived only).
     """
     ready = prepared if prepared is not None and prepared.path == path else prepare_file(path)
     drop = ready.drop
+    if ready.load_id is not None:
+        return _archive_loaded(con, ready, ready.load_id, archive_dir)
     if ready.link_target is not None:
         link = ready.link_target
         digest = hashlib.sha256(os.fsencode(link)).hexdigest()
@@ -1200,9 +1393,17 @@ def ingest_file(
         return _duplicate(con, drop, digest, already, archive_dir)
     if ready.rejected is not None:
         return _quarantine(con, drop, digest, ready.rejected, quarantine_dir)
-    typed = ready.typed
+    assert ready.typed is not None
+    load_id = load_drop(con, drop, digest, ready.typed, fail_after_rows=fail_after_rows)
+    return _archive_loaded(con, ready, load_id, archive_dir)
+
+
+def _archive_loaded(
+    con: duckdb.DuckDBPyConnection, ready: PreparedFile, load_id: int, archive_dir: Path
+) -> FileResult:
+    """Move a loaded file to the archive, its rejected rows (if any) in a CSV beside it."""
+    path, drop, digest, typed = ready.path, ready.drop, ready.digest, ready.typed
     assert typed is not None
-    load_id = load_drop(con, drop, digest, typed, fail_after_rows=fail_after_rows)
     target = destination(archive_dir, path, digest)
     if typed.rows_rejected:
         # Before the move: a crash in between leaves the file in landing, and the next run
@@ -1253,10 +1454,32 @@ def ingest_landing(
                     FileResult(p.name, classify(p).entity, "", "skipped", reason=problem)
                 )
         todo.sort(key=_drop_order)
+        todo = list(dict.fromkeys(todo))  # a path asked for twice is one file
+    with _checkpoints_deferred(con, len(todo)):
+        if len(todo) >= BATCH_MIN_FILES:
+            report.files.extend(
+                _ingest_batches(con, todo, archive_dir=archive_dir, quarantine_dir=quarantine_dir)
+            )
+        else:
+            report.files.extend(
+                _ingest_one_by_one(
+                    con, todo, archive_dir=archive_dir, quarantine_dir=quarantine_dir
+                )
+            )
+    # Once per pass, not per file: merging is a join against every current row.
+    if report.count("loaded"):
+        refresh_current(con)
+    return report
+
+
+def _ingest_one_by_one(
+    con: duckdb.DuckDBPyConnection, todo: Sequence[Path], *, archive_dir: Path, quarantine_dir: Path
+) -> list[FileResult]:
+    """Ingest files in order, each loaded in a transaction of its own."""
     # The next file is read and validated (Polars, Pandera) while this one loads (DuckDB):
-    # the two overlap on two cores. Files still load one at a time, in order. Checkpoints
-    # wait for the end of the pass (each file's commit is still durable in the WAL).
-    with ThreadPoolExecutor(max_workers=1) as preparer, _checkpoints_deferred(con, len(todo)):
+    # the two overlap on two cores. Files still load one at a time, in order.
+    results = []
+    with ThreadPoolExecutor(max_workers=1) as preparer:
         ahead: list[Future[PreparedFile] | None] = [
             preparer.submit(prepare_file, p) for p in todo[:PREPARE_AHEAD]
         ]
@@ -1267,7 +1490,7 @@ def ingest_landing(
             ahead[i] = None  # loaded files are not kept in memory
             if i + PREPARE_AHEAD < len(todo):
                 ahead.append(preparer.submit(prepare_file, todo[i + PREPARE_AHEAD]))
-            report.files.append(
+            results.append(
                 ingest_file(
                     con,
                     path,
@@ -1276,10 +1499,71 @@ def ingest_landing(
                     prepared=prepared,
                 )
             )
-    # Once per pass, not per file: merging is a join against every current row.
-    if report.count("loaded"):
-        refresh_current(con)
-    return report
+    return results
+
+
+def _ingest_batches(
+    con: duckdb.DuckDBPyConnection, todo: Sequence[Path], *, archive_dir: Path, quarantine_dir: Path
+) -> list[FileResult]:
+    """Ingest files in order, in batches of consecutive files (`BATCH_MAX_FILES`,
+    `BATCH_MAX_ROWS`), each batch's loadable files loaded in one transaction."""
+    # The next batch is read and validated while this one loads, as one by one.
+    results: list[FileResult] = []
+    with ThreadPoolExecutor(max_workers=1) as preparer:
+        start = 0
+        ahead: Future[list[PreparedFile]] | None = preparer.submit(
+            prepare_files, todo[:BATCH_MAX_FILES], max_rows=BATCH_MAX_ROWS
+        )
+        while ahead is not None:
+            batch = ahead.result()
+            start += len(batch)
+            ahead = None
+            if start < len(todo):
+                ahead = preparer.submit(
+                    prepare_files, todo[start : start + BATCH_MAX_FILES], max_rows=BATCH_MAX_ROWS
+                )
+            results.extend(
+                _ingest_batch(con, batch, archive_dir=archive_dir, quarantine_dir=quarantine_dir)
+            )
+    return results
+
+
+def _ingest_batch(
+    con: duckdb.DuckDBPyConnection,
+    batch: Sequence[PreparedFile],
+    *,
+    archive_dir: Path,
+    quarantine_dir: Path,
+) -> list[FileResult]:
+    """Load a batch's loadable files in one transaction, then archive, quarantine or skip
+    each of its files in order, as `ingest_file` does one file."""
+    hashes = [p.digest for p in batch if p.typed is not None]
+    seen = {
+        row[0]
+        for row in con.execute(
+            load_sql("loaded_files_by_hashes_select"), {"hashes": hashes}
+        ).fetchall()
+    }
+    loadable: list[tuple[PreparedFile, TypedDrop]] = []
+    for p in batch:
+        # A second copy of bytes in the batch is a duplicate of the first, once it is loaded.
+        if p.typed is not None and p.digest not in seen:
+            seen.add(p.digest)
+            loadable.append((p, p.typed))
+    ids = load_drops(con, [(p.drop, p.digest, t) for p, t in loadable]) if loadable else []
+    loaded = {p.path: replace(p, load_id=i) for (p, _), i in zip(loadable, ids, strict=True)}
+    # After the commit: duplicates (of this batch's loads too) and quarantines are recorded
+    # outside its transaction, and a crash before a move leaves that file to the next run.
+    return [
+        ingest_file(
+            con,
+            p.path,
+            archive_dir=archive_dir,
+            quarantine_dir=quarantine_dir,
+            prepared=loaded.get(p.path, p),
+        )
+        for p in batch
+    ]
 
 
 @contextlib.contextmanager
