@@ -2,12 +2,13 @@
 
 The site is plain files (HTML, one stylesheet, two small scripts) that work from ``file://``
 with no server and no outside resources. Templates live in ``reports/site/``; all data is
-escaped. Everything per row (chart paths, cell text, reschedule rows) is computed for all
-tutors at once in Polars, so the per-tutor work left is one short template render and one
-file comparison. The time of the snapshot is kept out of tutor pages (``as-of.js`` shows it),
-so an hourly build rewrites only the pages of tutors whose numbers changed. Each file is
-replaced through a temporary file and an atomic rename, tutor pages before the index that
-links to them, so a reader never sees a half-written file or a dangling link.
+escaped. Everything per row (chart paths and labels, cell text, the rows of the index's and the
+pages' tables) is computed and escaped for all tutors at once in Polars, so the per-tutor work
+left is one short template render and one file comparison. The time of the snapshot is kept
+out of tutor pages (``as-of.js`` shows it), so an hourly build rewrites only the pages of
+tutors whose numbers changed. Each file is replaced through a temporary file and an atomic
+rename, tutor pages before the index that links to them, so a reader never sees a half-written
+file or a dangling link.
 """
 
 from __future__ import annotations
@@ -17,16 +18,18 @@ import math
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any, Final
 
 import jinja2
 import polars as pl
 from markupsafe import Markup
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from tutor_scoring_dagster.assessment import flagged_since
 from tutor_scoring_dagster.config import load_settings
@@ -74,6 +77,8 @@ class Chart:
 CHART: Final = Chart()
 TICKS: Final = (0.0, 0.5, 1.0)
 """Where the charts' axes have labels, as fractions of the axis (bottom to top)."""
+TICK_YS: Final = tuple(round(CHART.base - CHART.plot_height * f + 4, 1) for f in TICKS)
+"""The y of each tick's label (its baseline, just below the tick)."""
 
 
 @dataclass(frozen=True)
@@ -117,19 +122,24 @@ def read_site_data(
     with engine.connect() as conn:
         scores = site_reads.current_snapshot(conn)
         newest = site_reads.newest_history_day(conn)
-        as_of = scores.get_column("as_of").max()
-        if newest is not None:
-            last_day = newest
-        elif isinstance(as_of, datetime):
-            last_day = (as_of - timedelta(days=1)).date()  # as of midnight: the day before
-        else:
-            last_day = datetime.now(UTC).date()
-        first_day = last_day - timedelta(days=chart_days - 1)
-        since = datetime.combine(first_day, time(0), tzinfo=UTC)
-        history = site_reads.score_history(conn, first_day)
-        sessions = site_reads.daily_sessions(conn, since)
-        reschedules = site_reads.reschedules_since(conn, since)
-        drivers = site_reads.current_drivers(conn)
+    as_of = scores.get_column("as_of").max()
+    if newest is not None:
+        last_day = newest
+    elif isinstance(as_of, datetime):
+        last_day = (as_of - timedelta(days=1)).date()  # as of midnight: the day before
+    else:
+        last_day = datetime.now(UTC).date()
+    first_day = last_day - timedelta(days=chart_days - 1)
+    since = datetime.combine(first_day, time(0), tzinfo=UTC)
+    history, sessions, reschedules, drivers = _read_all(
+        engine,
+        [
+            partial(site_reads.score_history, since=first_day),
+            partial(site_reads.daily_sessions, since=since),
+            partial(site_reads.reschedules_since, since=since),
+            site_reads.current_drivers,
+        ],
+    )
     # History day D is the snapshot at the end of D: later sessions are not on the chart.
     sessions = sessions.filter(pl.col("day") <= last_day)
     # A chart starts at the first stored day when the history is shorter than chart_days.
@@ -146,6 +156,24 @@ def read_site_data(
         reschedules_per_tutor=reschedules_per_tutor,
         drivers=drivers,
     )
+
+
+def _read_all(
+    engine: Engine, reads: list[Callable[[Connection], pl.DataFrame]]
+) -> list[pl.DataFrame]:
+    """The frames of ``reads``: on Postgres at the same time, each on a connection of its own
+    (the server runs one query while this process converts another's rows); elsewhere one
+    after the other on one connection (an in-memory SQLite database is one connection)."""
+    if engine.dialect.name != "postgresql":
+        with engine.connect() as conn:
+            return [read(conn) for read in reads]
+
+    def on_own_connection(read: Callable[[Connection], pl.DataFrame]) -> pl.DataFrame:
+        with engine.connect() as conn:
+            return read(conn)
+
+    with ThreadPoolExecutor(max_workers=len(reads), thread_name_prefix="site-read") as pool:
+        return list(pool.map(on_own_connection, reads))
 
 
 def html_escape(text: pl.Expr) -> pl.Expr:
@@ -183,8 +211,16 @@ def reschedule_tables(frame: pl.DataFrame, per_tutor: int) -> pl.DataFrame:
         pl.col("hours_before_session").round(1).cast(pl.String).fill_null(dash),
     ]
     row = pl.format(RESCHEDULE_ROW, *(html_escape(cell) for cell in cells))
+    # Reschedules made at the same instant in the order of their sessions, whatever order the
+    # database returned them in (it varies from plan to plan), so a page changes only with
+    # its data.
+    ties = ["session_id"] if "session_id" in frame.columns else []
     return (
-        frame.sort(["tutor_id", "cancelled_at"], descending=[False, True], nulls_last=True)
+        frame.sort(
+            ["tutor_id", "cancelled_at", *ties],
+            descending=[False, True, *(False for _ in ties)],
+            nulls_last=True,
+        )
         .with_columns(pl.len().over("tutor_id").alias("reschedules_total"))
         .filter(pl.int_range(pl.len()).over("tutor_id") < per_tutor)
         .group_by("tutor_id", maintain_order=True)
@@ -271,7 +307,8 @@ def chart_paths(data: SiteData, chart: Chart = CHART) -> pl.DataFrame:
         .with_columns(
             (pl.col("k") == pl.col("k").shift(1)).alias("same_tutor"),
             (pl.col("i") - pl.col("i").shift(1) == 1).alias("next_day"),
-            (chart.left + (pl.col("i") + 0.5) * slot).round(1).alias("x"),
+            # As text once, not once per line.
+            (chart.left + (pl.col("i") + 0.5) * slot).round(1).cast(pl.String).alias("x"),
         )
     )
     lines = []
@@ -300,6 +337,7 @@ def chart_paths(data: SiteData, chart: Chart = CHART) -> pl.DataFrame:
         )
     )
     height = (chart.plot_height * pl.col("sessions") / pl.col("sessions_max")).round(1)
+    height = height.cast(pl.String)  # once, for the two places it goes
     bar_x = (pl.lit(chart.left) + (pl.col("i") + 0.15) * slot).round(1)
     bar = pl.format(
         "M{},{}v-{}h{}v{}z", bar_x, pl.lit(chart.base), height, round(slot * 0.7, 2), height
@@ -357,6 +395,7 @@ def site_env() -> jinja2.Environment:
         loader=jinja2.FileSystemLoader(SITE_TEMPLATES),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
+        auto_reload=False,  # templates change with a deployment, not during a build
         trim_blocks=True,
         lstrip_blocks=True,
     )
@@ -416,14 +455,12 @@ def render_site(data: SiteData, out_dir: Path) -> SiteStats:
             chart=CHART, ticks=TICKS, x_labels=x_axis_labels(data)
         )
     )
-    tick_ys = [round(CHART.base - CHART.plot_height * f + 4, 1) for f in TICKS]
     for tutor in tutors:
         html = page.render(
             **common,
             tutor=tutor,
             chart=CHART,
             axes=axes,
-            tick_ys=tick_ys,
             reschedules_since=data.reschedules_since,
         )
         put(pages_dir / f"{tutor['slug']}.html", html.encode("utf-8"))
@@ -437,6 +474,7 @@ def render_site(data: SiteData, out_dir: Path) -> SiteStats:
     index_html = env.get_template("index.html.j2").render(
         **common,
         tutors=tutors,
+        index_rows=Markup("\n".join(t["index_row"] for t in tutors)),
         counts=counts,
         rule=_rule(data.scores),
         flagged=_flagged_first(tutors),
@@ -490,8 +528,9 @@ def write_if_changed(path: Path, content: bytes) -> bool:
 
 
 def _tutor_rows(data: SiteData) -> list[dict[str, Any]]:
-    """One dict per tutor, in index order: the score row, the text of its cells (``windows``:
-    one dict per window), its chart and its page's name."""
+    """One dict per tutor, in index order: the score row, the text of its cells (the rows of
+    the index's and its page's tables as HTML, and ``window_rates``: each window's rate), its
+    chart and its page's name."""
     scores = data.scores
     if scores.height == 0:
         return []
@@ -520,11 +559,125 @@ def _tutor_rows(data: SiteData) -> list[dict[str, Any]]:
             descending=[False, True, False],
             nulls_last=True,
         )
-        .to_dicts()
     )
-    for row, slug in zip(rows, tutor_slugs([r["tutor_id"] for r in rows]), strict=True):
-        row["slug"] = slug
-    return rows
+    rows = rows.with_columns(pl.Series("slug", tutor_slugs(rows.get_column("tutor_id").to_list())))
+    rows = rows.with_columns(
+        _index_row().alias("index_row"),
+        _score_rows().alias("score_rows"),
+        _chart_ticks().alias("chart_ticks"),
+        pl.col("windows").list.eval(pl.element().struct.field("rate")).alias("window_rates"),
+    ).drop("windows")  # all in the HTML above: not made into a dict per window
+    return [_row(row) for row in rows.to_dicts()]
+
+
+INDEX_ROW: Final = (
+    '<tr data-status="{}"><td><a href="tutors/{}.html">{}</a>{}<small>{}</small></td>'
+    '<td data-v="{}"><span class="badge badge-{}">{}</span></td>'
+    '<td data-v="{}"><span class="badge badge-{}">{}</span></td>'
+    + '<td class="num" data-v="{}">{}<small>{}/{}</small></td>'
+    * len(WINDOWS_DAYS)
+    + '<td class="num" data-v="{}">{}</td><td class="num" data-v="{}">{}</td>'
+    '<td class="num" data-v="{}">{}<small>{}/{}</small></td></tr>'
+)
+"""A row of the index's table of tutors (its header is in ``index.html.j2``)."""
+
+SCORE_ROW: Final = (
+    '<tr><td>{} days</td><td class="num">{}</td><td class="num">{}</td><td class="num{}">{}</td>'
+    '<td class="num">{}</td><td class="num">{}</td><td class="num">{}</td></tr>'
+)
+"""A row of a tutor page's table of windows (its header is in ``tutor.html.j2``)."""
+
+
+def _text(value: pl.Expr) -> pl.Expr:
+    """``value`` as Jinja prints it (``str``) and escapes it; not for floats or nulls."""
+    return html_escape(value.cast(pl.String))
+
+
+def _window(i: int, name: str) -> pl.Expr:
+    """Field ``name`` of the ``i``-th window cell (``_window_cells``), as escaped text."""
+    return _text(pl.col("windows").list.get(i).struct.field(name))
+
+
+def _index_row() -> pl.Expr:
+    """Each tutor's row of the index as HTML, every value escaped.
+
+    Rendered for all tutors at once rather than cell by cell in Jinja (as the reschedule rows):
+    the per-cell template work was most of the index's build time."""
+    status, tier = pl.col("risk_status"), pl.col("risk_tier")
+    inactive = (
+        pl.when(pl.col("is_active") == False)  # noqa: E712 (null: not known to be inactive)
+        .then(pl.lit(" <em>inactive</em>"))
+        .otherwise(pl.lit(""))
+    )
+    cells = [
+        *(_text(c) for c in (status, pl.col("slug"), pl.col("display_name"))),
+        inactive,
+        *(_text(pl.col(c)) for c in ("tutor_id", "rank", "risk_status")),
+        _text(status.str.replace_all("_", " ")),  # as status_label
+        *(_text(pl.col(c)) for c in ("tier_rank", "risk_tier")),
+        _text(tier.str.replace_all("_", " ")),
+    ]
+    for i in range(len(WINDOWS_DAYS)):
+        cells += [_window(i, f) for f in ("rate_v", "rate", "moved", "sessions")]
+    cells += [
+        _text(pl.col(c))
+        for c in ("change_v", "change_text", "total_sessions_30d", "total_sessions_30d")
+    ]
+    cells += [_window(1, f) for f in ("no_show_rate_v", "no_show_rate", "no_shows", "sessions")]
+    return pl.format(INDEX_ROW, *cells)
+
+
+def _chart_ticks(chart: Chart = CHART) -> pl.Expr:
+    """Each tutor chart's axis labels as SVG: the rate's on the left, the sessions' (when the
+    tutor has any) on the right, bottom to top."""
+    ticks = []
+    for i, y in enumerate(TICK_YS):
+        rate = f'  <text class="axis" x="{chart.left - 6}" y="{y}" text-anchor="end">{{}}</text>\n'
+        sessions = f'<text class="axis" x="{chart.width - chart.right + 6}" y="{y}">{{}}</text>'
+        ticks += [
+            pl.format(rate, html_escape(pl.col("rate_ticks").list.get(i))),
+            pl.when(pl.col("sessions_max") != 0)
+            .then(pl.format(sessions, html_escape(pl.col("session_ticks").list.get(i))))
+            .otherwise(pl.lit("")),
+        ]
+    return pl.concat_str(ticks)
+
+
+def _score_rows() -> pl.Expr:
+    """Each tutor page's rows of the table of windows as HTML, one line per window."""
+    rows = [
+        pl.format(
+            SCORE_ROW,
+            _window(i, "days"),
+            _window(i, "sessions"),
+            _window(i, "moved"),
+            pl.when(pl.col("windows").list.get(i).struct.field("over"))
+            .then(pl.lit(" over"))
+            .otherwise(pl.lit("")),
+            *(_window(i, f) for f in ("rate", "lower95", "no_shows", "no_show_rate")),
+        )
+        for i in range(len(WINDOWS_DAYS))
+    ]
+    return pl.concat_str(rows, separator="\n")
+
+
+class _Row(dict[str, Any]):
+    """A tutor's row whose fields templates read as attributes (Jinja tries an attribute before
+    an item: on a plain dict, every field read raised and caught an AttributeError first)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _row(fields: dict[str, Any]) -> _Row:
+    """``fields`` as a template row (its drivers too)."""
+    row = _Row(fields)
+    if fields.get("drivers"):
+        row["drivers"] = [_Row(d) for d in fields["drivers"]]
+    return row
 
 
 def _flagged_first(tutors: list[dict[str, Any]]) -> list[dict[str, Any]]:
