@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 import uuid
-import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,9 @@ PG_ADMIN_URL = os.environ.get(
     "TUTOR_SCORING_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 SMOKE = {"sessions": 200_000, "tutors": 500, "days": 240, "baseline_sample": 200, "latency": 3}
+
+FIRST_STAGES = ("generate_parquet", "generate_csv")
+"""Stages that start a run afresh; ``--only`` of later stages reuses a kept run's data."""
 
 TARGETS = {
     "rebuild_seconds": 90.0,
@@ -208,10 +210,6 @@ def machine(admin_url: str) -> dict[str, Any]:
 
 def summarize(plan: Plan, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The headline numbers and each target, met or not."""
-    with warnings.catch_warnings():  # Dagster's beta notices, on import of the definitions
-        warnings.simplefilter("ignore")
-        from tutor_scoring_dagster.defs.ingest.sensors import landing_sensor
-        from tutor_scoring_dagster.defs.reports.sensors import REPORT_SENSOR_INTERVAL_S
 
     def get(stage: str, key: str) -> Any:
         return stages.get(stage, {}).get(key)
@@ -221,8 +219,8 @@ def summarize(plan: Plan, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     sessions = get("generate_parquet", "sessions") or plan.sessions
     ours = sessions / rebuild_s if rebuild_s else None
     base = get("baseline", "sessions_per_second")
-    landing_wait = 2 * (landing_sensor.minimum_interval_seconds or 0)
-    p95 = get("latency", "p95_seconds")
+    # The target is the deployed latency: the work plus the sensor and run-start waits.
+    p95 = get("latency", "deployed_p95_seconds")
     peak = max(
         (v for s in ("rebuild", "tick", "latency") if (v := get(s, "process_max_rss_mb"))),
         default=None,
@@ -238,13 +236,9 @@ def summarize(plan: Plan, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {
         "sessions_per_second": round(ours, 1) if ours else None,
         "baseline_sessions_per_second": base,
-        "latency_p95_with_sensor_intervals_seconds": (
-            round(p95 + landing_wait + REPORT_SENSOR_INTERVAL_S, 1) if p95 is not None else None
-        ),
-        "sensor_waits": {
-            "landing_sensor_two_sightings_s": landing_wait,
-            "report_sensor_interval_s": REPORT_SENSOR_INTERVAL_S,
-        },
+        "latency_work_p50_seconds": get("latency", "p50_seconds"),
+        "latency_work_p95_seconds": get("latency", "p95_seconds"),
+        "latency_deployed_waits": get("latency", "deployed_waits") or {},
         "targets": {
             name: {
                 "value": numbers[name],
@@ -363,16 +357,17 @@ def markdown(report: dict[str, Any]) -> str:
         f"{met[t['peak_rss_mb']['met']]} |",
         f"| hourly tick | {_fmt(t['tick_seconds']['value'], 2)} s | < 10 s | "
         f"{met[t['tick_seconds']['met']]} |",
-        f"| drop-to-email p95 (work) | {_fmt(t['latency_p95_seconds']['value'], 2)} s | < 120 s | "
-        f"{met[t['latency_p95_seconds']['met']]} |",
+        f"| drop-to-email p95 (deployed) | {_fmt(t['latency_p95_seconds']['value'], 1)} s | "
+        f"< 120 s | {met[t['latency_p95_seconds']['met']]} |",
         f"| throughput vs per-session baseline | "
         f"{_fmt(t['throughput_vs_baseline']['value'])}x | >= 1000x | "
         f"{met[t['throughput_vs_baseline']['met']]} |",
         "",
-        "Drop-to-email with the deployed sensor intervals added (landing sensor: two sightings "
-        f"{sm['sensor_waits']['landing_sensor_two_sightings_s'] // 2} s apart; report sensor "
-        f"every {sm['sensor_waits']['report_sensor_interval_s']} s): p95 up to "
-        f"{_fmt(sm['latency_p95_with_sensor_intervals_seconds'])} s.",
+        "Drop-to-email: the work (sensor evaluated back to back, the run it requests "
+        f"executed) p50 {_fmt(sm['latency_work_p50_seconds'], 1)} s, p95 "
+        f"{_fmt(sm['latency_work_p95_seconds'], 1)} s; deployed adds at worst "
+        + ", ".join(f"{k} {v} s" for k, v in sm["latency_deployed_waits"].items())
+        + ".",
         "",
     ]
     for stage, title in (
@@ -428,23 +423,28 @@ def markdown(report: dict[str, Any]) -> str:
 def orchestrate(args: argparse.Namespace) -> int:
     label = "smoke" if args.smoke else f"{args.sessions}"
     data = (args.data or DEFAULT_DATA / label).resolve()
-    if data.exists():
-        shutil.rmtree(data)
-    data.mkdir(parents=True)
-    db_name, db_url = create_database(args.pg_admin_url)
-    plan = Plan(
-        sessions=args.sessions,
-        tutors=args.tutors,
-        days=args.days,
-        end=args.end,
-        work=str(data),
-        database_url=db_url,
-        baseline_sample=args.baseline_sample,
-        latency_drops=args.latency_drops,
-    )
     plan_file = data / "plan.json"
-    plan_file.write_text(plan.to_json())
     wanted = [s for s in STAGES if s in set(args.only.split(","))]
+    if wanted[0] not in FIRST_STAGES and plan_file.exists():
+        # Later stages of a kept run (--keep): its data, warehouse and database, as they are.
+        plan = Plan.from_json(plan_file.read_text())
+        db_name = plan.database_url.rpartition("/")[2]
+    else:
+        if data.exists():
+            shutil.rmtree(data)
+        data.mkdir(parents=True)
+        db_name, db_url = create_database(args.pg_admin_url)
+        plan = Plan(
+            sessions=args.sessions,
+            tutors=args.tutors,
+            days=args.days,
+            end=args.end,
+            work=str(data),
+            database_url=db_url,
+            baseline_sample=args.baseline_sample,
+            latency_drops=args.latency_drops,
+        )
+        plan_file.write_text(plan.to_json())
     stages: dict[str, dict[str, Any]] = {}
     started = datetime.now(UTC)
     try:

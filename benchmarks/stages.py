@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -237,13 +239,15 @@ def publish(plan: Plan) -> dict[str, Any]:
     from tutor_scoring_dagster.config import load_settings
     from tutor_scoring_dagster.paths import load_sql as project_sql
     from tutor_scoring_dagster.store.publish import (
+        PART_ROWS,
+        FrameParts,
         PublishStats,
         create_store_engine,
         horizon_start,
         publish_current,
         publish_history,
     )
-    from tutor_scoring_dagster.warehouse import connect, query_frame
+    from tutor_scoring_dagster.warehouse import connect, export_parts, query_frame
 
     settings = load_settings()
     with connect(settings.warehouse, read_only=True) as con:
@@ -253,10 +257,26 @@ def publish(plan: Plan) -> dict[str, Any]:
         tutors = query_frame(con, project_sql("tutors_current_select"))
         sessions = query_frame(con, project_sql("sessions_recent_select"), {"since": since})
         reschedules = query_frame(con, project_sql("reschedules_recent_select"), {"since": since})
-        history = query_frame(
+        # As the tutor_score_history asset: the range in Parquet parts of whole tutors.
+        days = {
+            "start": plan.as_of - timedelta(days=plan.days - 1),
+            "end": plan.as_of + timedelta(1),
+        }
+        parts_dir = Path(tempfile.mkdtemp(prefix=".history-", dir=settings.warehouse.parent))
+        history = FrameParts.from_parquet(
+            export_parts(
+                con,
+                key_rows_sql=project_sql("tutor_scores_daily_tutor_rows_select"),
+                part_sql=project_sql("tutor_scores_daily_part_select"),
+                params=days,
+                folder=parts_dir,
+                part_rows=PART_ROWS,
+            )
+        )
+        one_day = query_frame(
             con,
             project_sql("tutor_scores_daily_range_select"),
-            {"start": plan.as_of - timedelta(days=plan.days - 1), "end": plan.as_of + timedelta(1)},
+            {"start": plan.as_of, "end": plan.as_of + timedelta(1)},
         )
     first_day = plan.start_date
     last_day = plan.end_date - timedelta(days=1)
@@ -289,7 +309,6 @@ def publish(plan: Plan) -> dict[str, Any]:
                 engine, history, first_day, last_day, now=datetime.now(UTC), tutors=tutors
             ),
         )
-        one_day = history.filter(pl.col("as_of") == history["as_of"].max())
         record(
             "history, the last day re-published (nothing changed)",
             lambda: publish_history(engine, one_day, last_day, last_day, now=datetime.now(UTC)),
@@ -326,6 +345,7 @@ def publish(plan: Plan) -> dict[str, Any]:
         )
     finally:
         engine.dispose()
+        shutil.rmtree(parts_dir, ignore_errors=True)
         with psycopg.connect(pg_admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
     return {
