@@ -373,6 +373,27 @@ def test_optional_columns_may_be_missing_and_extra_columns_are_kept(lake: Lake) 
     assert row == (None, None, '{"platform":"web"}')
 
 
+def test_extra_columns_named_like_working_columns_are_kept_as_they_are(lake: Lake) -> None:
+    """Ingest types rows with working columns of its own; an export's columns never meet them,
+    whatever they are called, and a column name holding a NUL is refused."""
+    text = (
+        "session_id,tutor_id,scheduled_time,status,_row,_file,_line\n"
+        "S1,T1,2024-03-01T10:00:00Z,no_show,r,nightly-42.csv,7\n"
+        "S2,T1,2024-03-01T11:00:00Z,wrong,r2,nightly-42.csv,8\n"
+    )
+    result = only(lake.ingest([lake.drop("sessions_1.csv", text)]))
+    assert (result.outcome, result.rows_loaded, result.rows_rejected) == ("loaded", 1, 1)
+    row = lake.query("SELECT extra_columns FROM raw_sessions").item(0, 0)
+    assert row == '{"_row":"r","_file":"nightly-42.csv","_line":"7"}'
+    rejected = lake.query("SELECT line_number, raw_record FROM rejected_rows").row(0)
+    assert rejected[0] == 3 and '"_file":"nightly-42.csv"' in rejected[1]
+    odd = {"session_id": ["S3"], "tutor_id": ["T1"], "status": ["no_show"], "odd\x00name": ["x"]}
+    parquet = io.BytesIO()
+    pl.DataFrame({**odd, "scheduled_time": ["2024-03-01T10:00:00Z"]}).write_parquet(parquet)
+    result = only(lake.ingest([lake.drop("sessions_2.parquet", parquet.getvalue())]))
+    assert result.outcome == "quarantined" and "NUL" in (result.reason or "")
+
+
 # File-level failures
 
 

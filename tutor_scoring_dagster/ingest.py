@@ -561,7 +561,10 @@ def _one_line(exc: BaseException) -> str:
 
 
 def check_columns(frame: pl.DataFrame, entity: str, *, fmt: str | None = "csv") -> None:
-    """Reject a file without rows, without a required column or with a column twice."""
+    """Reject a file without rows, without a required column, with a column twice, or with a
+    NUL in a column name."""
+    if any("\x00" in c for c in frame.columns):
+        raise FileRejected("a column name holds a NUL character (is the file binary?)")
     duplicated = sorted(
         {m.group(1) for c in frame.columns if (m := re.match(r"(.+)_duplicated_\d+$", c))}
         & set(frame.columns)
@@ -747,7 +750,12 @@ class TypedDrop:
         return self.rejected.get_column("line_number").n_unique()
 
 
-_IDS: Final = ("_row", "_file", "_line")
+_ROW: Final = "\x00row"
+_FILE: Final = "\x00file"
+_LINE: Final = "\x00line"
+"""Working columns added to a file's rows while typing: a NUL in their names keeps them apart
+from any column of a drop (a header with a NUL in a name is refused by `check_columns`)."""
+_IDS: Final = (_ROW, _FILE, _LINE)
 """Columns `type_and_validate_many` adds: the row's position in the group, its file's index
 in the group and its record number in that file."""
 
@@ -772,11 +780,11 @@ def type_and_validate_many(
     extras = [c for c in frame.columns if c not in columns]
     source = pl.concat(
         [
-            f.with_row_index("_line").with_columns(pl.lit(i, dtype=pl.UInt32).alias("_file"))
+            f.with_row_index(_LINE).with_columns(pl.lit(i, dtype=pl.UInt32).alias(_FILE))
             for i, f in enumerate(frames)
         ],
         how="vertical",
-    ).with_row_index("_row")
+    ).with_row_index(_ROW)
     if frame.width:
         # A blank line, or one of commas only, reads as a row of nulls.
         source = source.filter(~pl.all_horizontal(pl.exclude(_IDS).is_null()))
@@ -796,7 +804,7 @@ def type_and_validate_many(
             # Text that could not be parsed at all: one failure per cell, with the value.
             parse_errors.append(
                 source.filter(failed).select(
-                    "_row",
+                    _ROW,
                     pl.lit(name).alias("column_name"),
                     (
                         pl.lit(f"not a valid {_type_name(dtype)}: ")
@@ -809,21 +817,21 @@ def type_and_validate_many(
     # collected lazily: every failure of every row at once.
     rule_errors = _pandera_failures(typed, entity)
     failures = pl.concat([*parse_errors, rule_errors], how="vertical_relaxed").unique(
-        ["_row", "column_name"], keep="first", maintain_order=True
+        [_ROW, "column_name"], keep="first", maintain_order=True
     )
-    bad_rows = failures.get_column("_row").unique().implode()
-    line = pl.col("_line").cast(pl.Int64) + first_line
+    bad_rows = failures.get_column(_ROW).unique().implode()
+    line = pl.col(_LINE).cast(pl.Int64) + first_line
     # The row as it was read, to fix and re-drop: built for rejected rows only.
-    raw_records = source.filter(pl.col("_row").is_in(bad_rows)).select(
-        "_row",
-        "_file",
-        "_line",
+    raw_records = source.filter(pl.col(_ROW).is_in(bad_rows)).select(
+        _ROW,
+        _FILE,
+        _LINE,
         pl.struct(pl.exclude(_IDS).cast(pl.String)).struct.json_encode().alias("raw_record"),
     )
     rejected = (
-        failures.join(raw_records, on="_row")
-        .sort("_row", "column_name")
-        .select("_file", line.alias("line_number"), "column_name", "reason", "raw_record")
+        failures.join(raw_records, on=_ROW)
+        .sort(_ROW, "column_name")
+        .select(_FILE, line.alias("line_number"), "column_name", "reason", "raw_record")
     )
     # Unknown columns ride along as one JSON object per row.
     extra = (
@@ -831,10 +839,10 @@ def type_and_validate_many(
         if extras
         else pl.lit(None, dtype=pl.String)
     )
-    keep = ~pl.col("_row").is_in(bad_rows)
-    extra_column = source.select("_row", extra.alias("extra_columns")).get_column("extra_columns")
+    keep = ~pl.col(_ROW).is_in(bad_rows)
+    extra_column = source.select(_ROW, extra.alias("extra_columns")).get_column("extra_columns")
     valid = typed.with_columns(extra_column).filter(keep)
-    valid = valid.select(pl.exclude(_IDS), line.alias("source_line"), "_file")
+    valid = valid.select(pl.exclude(_IDS), line.alias("source_line"), _FILE)
     # Rows stay in file order, so each file's rows are one slice of the group's.
     read, loaded, bad = (_rows_per_file(f, len(frames)) for f in (source, valid, rejected))
     out = []
@@ -842,8 +850,8 @@ def type_and_validate_many(
     for n_read, n_valid, n_bad in zip(read, loaded, bad, strict=True):
         out.append(
             TypedDrop(
-                valid=valid.slice(at_valid, n_valid).drop("_file"),
-                rejected=rejected.slice(at_bad, n_bad).drop("_file"),
+                valid=valid.slice(at_valid, n_valid).drop(_FILE),
+                rejected=rejected.slice(at_bad, n_bad).drop(_FILE),
                 rows_read=n_read,
             )
         )
@@ -854,7 +862,7 @@ def type_and_validate_many(
 
 def _rows_per_file(frame: pl.DataFrame, files: int) -> list[int]:
     """How many rows of ``frame`` each of ``files`` files has (by ``_file``)."""
-    counts = dict(frame.get_column("_file").value_counts().iter_rows())
+    counts = dict(frame.get_column(_FILE).value_counts().iter_rows())
     return [counts.get(i, 0) for i in range(files)]
 
 
@@ -873,7 +881,7 @@ def _type_name(dtype: pl.DataType) -> str:
 def _pandera_failures(typed: pl.DataFrame, entity: str) -> pl.DataFrame:
     """Every rule failure of the entity's model: ``_row``, ``column_name``, ``reason``."""
     model = DROP_MODELS[entity]
-    empty = pl.DataFrame(schema={"_row": pl.UInt32, "column_name": pl.String, "reason": pl.String})
+    empty = pl.DataFrame(schema={_ROW: pl.UInt32, "column_name": pl.String, "reason": pl.String})
     try:
         model.validate(typed.drop(_IDS), lazy=True)
         return empty
@@ -890,7 +898,7 @@ def _pandera_failures(typed: pl.DataFrame, entity: str) -> pl.DataFrame:
         )
     cases = cases.drop_nulls("index")
     # Pandera reports positions in the validated frame; map them back to the file's rows.
-    rows = typed.get_column("_row").gather(cases.get_column("index").cast(pl.UInt32))
+    rows = typed.get_column(_ROW).gather(cases.get_column("index").cast(pl.UInt32))
     check = pl.col("check").cast(pl.String)
     value = pl.col("failure_case").cast(pl.String).str.slice(0, 80)
     reason = (
@@ -915,7 +923,7 @@ def _pandera_failures(typed: pl.DataFrame, entity: str) -> pl.DataFrame:
         .otherwise(check)
     )
     return cases.select(
-        rows.alias("_row"),
+        rows.alias(_ROW),
         pl.when(pl.col("column") == model.__name__)
         .then(pl.lit("completed_time"))  # the models' only cross-field rule is on it
         .otherwise(pl.col("column"))
