@@ -204,3 +204,35 @@ def test_reschedules_made_at_the_same_instant_keep_one_order() -> None:
     # Newest first; at the same instant, in the order of the sessions' ids.
     for row, reason in zip(rows, ("one", "two", "three"), strict=True):
         assert f"<td>{reason}</td>" in row
+
+
+def test_read_site_data_sees_one_snapshot_while_a_publish_commits(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publish committing between the snapshot's read and the parallel reads (a landing run
+    every few minutes) changes nothing the site reads: all of it comes from one snapshot."""
+    engine = create_store_engine(pg_url)
+    data = store_data()
+    publish_current(
+        engine, **data, horizon_start=None, now=f.AS_OF, risk_drivers=f.drivers(data["scores"])
+    )
+    history = f.history(N_TUTORS, FIRST_DAY, 20)
+    publish_history(engine, history, FIRST_DAY, f.AS_OF.date(), now=f.AS_OF)
+    before = read_site_data(engine, chart_days=20)
+    real = site_reads.newest_history_day
+
+    def then_a_publish_commits(conn: Connection) -> date | None:
+        newest = real(conn)
+        with engine.begin() as other:  # another run's transaction, committed meanwhile
+            other.execute(sa.text("DELETE FROM tutor_score_history"))
+            other.execute(sa.text("DELETE FROM tutor_risk_drivers"))
+        return newest
+
+    monkeypatch.setattr(site_reads, "newest_history_day", then_a_publish_commits)
+    during = read_site_data(engine, chart_days=20)
+    monkeypatch.undo()
+    after = read_site_data(engine, chart_days=20)
+    engine.dispose()
+    assert during.history.height == before.history.height > 0
+    assert during.drivers.equals(before.drivers) and before.drivers.height > 0
+    assert after.history.height == 0  # the delete did commit

@@ -18,8 +18,9 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from functools import cache, partial
@@ -119,27 +120,31 @@ def read_site_data(
 ) -> SiteData:
     """The current snapshot and, over the last ``chart_days`` days of score history, each
     tutor's daily rates and sessions and newest ``reschedules_per_tutor`` reschedules."""
-    with engine.connect() as conn:
+    # Every read sees one snapshot of the store: a landing run publishing meanwhile cannot
+    # give the pages history or drivers of another snapshot than their scores.
+    with _one_snapshot(engine) as (conn, snapshot):
         scores = site_reads.current_snapshot(conn)
         newest = site_reads.newest_history_day(conn)
-    as_of = scores.get_column("as_of").max()
-    if newest is not None:
-        last_day = newest
-    elif isinstance(as_of, datetime):
-        last_day = (as_of - timedelta(days=1)).date()  # as of midnight: the day before
-    else:
-        last_day = datetime.now(UTC).date()
-    first_day = last_day - timedelta(days=chart_days - 1)
-    since = datetime.combine(first_day, time(0), tzinfo=UTC)
-    history, sessions, reschedules, drivers = _read_all(
-        engine,
-        [
-            partial(site_reads.score_history, since=first_day),
-            partial(site_reads.daily_sessions, since=since),
-            partial(site_reads.reschedules_since, since=since),
-            site_reads.current_drivers,
-        ],
-    )
+        as_of = scores.get_column("as_of").max()
+        if newest is not None:
+            last_day = newest
+        elif isinstance(as_of, datetime):
+            last_day = (as_of - timedelta(days=1)).date()  # as of midnight: the day before
+        else:
+            last_day = datetime.now(UTC).date()
+        first_day = last_day - timedelta(days=chart_days - 1)
+        since = datetime.combine(first_day, time(0), tzinfo=UTC)
+        history, sessions, reschedules, drivers = _read_all(
+            engine,
+            conn,
+            snapshot,
+            [
+                partial(site_reads.score_history, since=first_day),
+                partial(site_reads.daily_sessions, since=since),
+                partial(site_reads.reschedules_since, since=since),
+                site_reads.current_drivers,
+            ],
+        )
     # History day D is the snapshot at the end of D: later sessions are not on the chart.
     sessions = sessions.filter(pl.col("day") <= last_day)
     # A chart starts at the first stored day when the history is shorter than chart_days.
@@ -158,19 +163,40 @@ def read_site_data(
     )
 
 
+@contextmanager
+def _one_snapshot(engine: Engine) -> Iterator[tuple[Connection, str | None]]:
+    """A connection whose reads all see one snapshot of the store and, on Postgres, the id of
+    that snapshot, for other connections to read it too (as pg_dump's parallel workers do)."""
+    with engine.connect() as conn:
+        if engine.dialect.name != "postgresql":
+            yield conn, None
+            return
+        conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        snapshot = str(conn.exec_driver_sql("SELECT pg_export_snapshot()").scalar())
+        if not re.fullmatch(r"[0-9A-Fa-f-]+", snapshot):  # formatted into SQL below
+            raise ValueError(f"unexpected snapshot id from the server: {snapshot!r}")
+        yield conn, snapshot
+
+
 def _read_all(
-    engine: Engine, reads: list[Callable[[Connection], pl.DataFrame]]
+    engine: Engine,
+    conn: Connection,
+    snapshot: str | None,
+    reads: list[Callable[[Connection], pl.DataFrame]],
 ) -> list[pl.DataFrame]:
-    """The frames of ``reads``: on Postgres at the same time, each on a connection of its own
-    (the server runs one query while this process converts another's rows); elsewhere one
-    after the other on one connection (an in-memory SQLite database is one connection)."""
-    if engine.dialect.name != "postgresql":
-        with engine.connect() as conn:
-            return [read(conn) for read in reads]
+    """The frames of ``reads`` in the snapshot ``conn`` sees: with a ``snapshot`` id
+    (Postgres) at the same time, each on a connection of its own that imports it (the server
+    runs one query while this process converts another's rows); else one after the other on
+    ``conn`` (an in-memory SQLite database is one connection)."""
+    if snapshot is None:
+        return [read(conn) for read in reads]
 
     def on_own_connection(read: Callable[[Connection], pl.DataFrame]) -> pl.DataFrame:
-        with engine.connect() as conn:
-            return read(conn)
+        with engine.connect() as own:
+            own.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            # A server-made id of hex digits and dashes (checked); SET takes no parameters.
+            own.exec_driver_sql(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+            return read(own)
 
     with ThreadPoolExecutor(max_workers=len(reads), thread_name_prefix="site-read") as pool:
         return list(pool.map(on_own_connection, reads))
