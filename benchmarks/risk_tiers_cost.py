@@ -16,6 +16,8 @@ each ``--repeat`` times (the median is reported):
   :func:`carry_watch_since`);
 - ``backtest``: :func:`run_backtest` over the last 365 days, every day, without labels (all
   four rules);
+- ``range``: :func:`risk_tiers_by_chunk` over every day after the first 180 (the daily
+  partitions' path: chunks of ``scoring.CHUNK_DAYS`` days, the sessions read once), once;
 
 and prints one JSON object with the sizes, the seconds and the process's peak resident set.
 """
@@ -39,7 +41,8 @@ import duckdb
 from tutor_scoring_dagster.backtest import run_backtest
 from tutor_scoring_dagster.generate import generate_drops
 from tutor_scoring_dagster.params import TierParams
-from tutor_scoring_dagster.risk_tiers import risk_tiers_as_of
+from tutor_scoring_dagster.risk_tiers import risk_tiers_as_of, risk_tiers_by_chunk
+from tutor_scoring_dagster.scoring import CHUNK_DAYS
 
 LOAD_SQL = """
 SET TimeZone = 'UTC';
@@ -105,6 +108,7 @@ def main() -> None:
     parser.add_argument("--end", type=date.fromisoformat, default=date(2025, 1, 1))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-backtest", action="store_true")
+    parser.add_argument("--skip-range", action="store_true")
     args = parser.parse_args()
 
     path = args.warehouse or build_warehouse(args)
@@ -140,6 +144,24 @@ def main() -> None:
             "to": end.isoformat(),
             "seconds": round(seconds, 3),
             "tutor_days": result.daily.height,
+        }
+        out["peak_rss_mb"] = round(peak_rss_mb())
+    if not args.skip_range:
+        first = con.execute("SELECT min(scheduled_time) FROM sessions").fetchall()[0][0]
+        day = first.astimezone(UTC).date() + timedelta(days=params.lookback_days)
+        chunks = []
+        while day <= end:
+            chunks.append((day, min(end, day + timedelta(days=CHUNK_DAYS - 1))))
+            day = chunks[-1][1] + timedelta(days=1)
+        seconds, rows = timed(
+            lambda: sum(t.height for t in risk_tiers_by_chunk(con, chunks, params)), 1
+        )
+        out["range"] = {
+            "from": chunks[0][0].isoformat() if chunks else None,
+            "to": end.isoformat(),
+            "chunks": len(chunks),
+            "seconds": round(seconds, 3),
+            "rows": rows,
         }
         out["peak_rss_mb"] = round(peak_rss_mb())
     out["load_1min_after"] = os.getloadavg()[0]
