@@ -195,7 +195,7 @@ def _read_all(
         with engine.connect() as own:
             own.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             # A server-made id of hex digits and dashes (checked); SET takes no parameters.
-            own.exec_driver_sql(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+            own.exec_driver_sql(f"SET TRANSACTION SNAPSHOT '{snapshot}'")  # noqa: S608, RUF100
             return read(own)
 
     with ThreadPoolExecutor(max_workers=len(reads), thread_name_prefix="site-read") as pool:
