@@ -196,9 +196,13 @@ def _tuned(cls: type, prefix: str, raw: Mapping[str, str | None]) -> Any:
         raise ValueError(f"bad {prefix}* setting: {exc}") from None
 
 
+TRUE_WORDS: Final = frozenset({"1", "true", "t", "yes", "on"})
+"""A setting's text that means yes (lower case, trimmed)."""
+
+
 def is_truthy(value: str) -> bool:
-    """Whether a setting's text means yes (1, true, t, yes, on)."""
-    return value.strip().lower() in {"1", "true", "t", "yes", "on"}
+    """Whether a setting's text means yes (:data:`TRUE_WORDS`)."""
+    return value.strip().lower() in TRUE_WORDS
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:

@@ -40,7 +40,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from tutor_scoring_dagster.assessment import flagged_since
-from tutor_scoring_dagster.config import is_truthy, setting_default
+from tutor_scoring_dagster.config import TRUE_WORDS, is_truthy, setting_default
 from tutor_scoring_dagster.delivery import (
     DeliveryError,
     EmailSender,
@@ -73,7 +73,6 @@ TREND_DAYS_ALERT: Final = 56
 TREND_DAYS_DIGEST: Final = 28
 CHART_HEIGHT_PX: Final = 40
 QUARANTINE_LISTED: Final = 20
-TRUE_WORDS: Final = frozenset({"1", "true", "t", "yes", "on"})
 
 
 def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
