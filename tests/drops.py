@@ -20,55 +20,67 @@ def iso(instant: datetime) -> str:
 @dataclass
 class HandDrop:
     """Sessions written by hand (and a reschedule for each one moved), and the tutors export:
-    one drop of each entity, for tests whose expected scores are worked out by hand. A moved
-    session was moved ``moved_for`` later, ``notice`` before it was due."""
+    one drop of each entity, for tests whose expected scores are worked out by hand. Each
+    session has a student of its own; a moved session was moved ``moved_for`` later, with
+    ``notice`` (unless the session says otherwise), for ``reason``."""
 
     moved_for: timedelta = timedelta(days=2)
     notice: timedelta = timedelta(hours=5)
+    reason: str = "<i>flat tyre</i>"
     sessions: list[dict[str, object]] = field(default_factory=list)
     reschedules: list[dict[str, object]] = field(default_factory=list)
 
     def session(
         self,
+        sid: str,
         tutor: str,
         at: datetime,
-        status: str,
+        status: str = "completed",
         moved_by: str | None = None,
         *,
-        session_id: str | None = None,
-        reason: str = "<i>flat tyre</i>",
+        reason: str | None = None,
+        notice_h: float | None = None,
     ) -> None:
-        """One session of ``tutor`` at ``at``; ``moved_by``: who rescheduled it, if anyone."""
-        sid = session_id or f"{tutor}-{len(self.sessions)}"
+        """Session ``sid`` of ``tutor`` at ``at``; ``moved_by``: who rescheduled it, if
+        anyone (``notice_h`` hours before it was due, when given)."""
         self.sessions.append(
             {
                 "session_id": sid,
                 "tutor_id": tutor,
-                "student_id": "S1",
+                "student_id": f"S-{sid}",
                 "scheduled_time": iso(at),
                 "status": status,
                 "duration_minutes": 60,
             }
         )
         if moved_by:
+            notice = self.notice if notice_h is None else timedelta(hours=notice_h)
             self.reschedules.append(
                 {
                     "session_id": sid,
                     "initiator": moved_by,
                     "original_time": iso(at),
                     "new_time": iso(at + self.moved_for),
-                    "reason": reason,
+                    "reason": self.reason if reason is None else reason,
                     "reason_code": "other",
-                    "cancelled_at": iso(at - self.notice),
+                    "cancelled_at": iso(at - notice),
                 }
             )
 
-    def write(self, landing: Path, tutors: Sequence[Mapping[str, object]]) -> None:
-        """The sessions, reschedules and ``tutors`` exports, as CSV files in ``landing``."""
+    def write(
+        self,
+        landing: Path,
+        stamp: str = "20260301T1100",
+        tutors: Sequence[Mapping[str, object]] = (),
+    ) -> None:
+        """The sessions, the reschedules (if any) and ``tutors`` (if any) exports, as CSV files
+        in ``landing``, the first two stamped ``stamp``."""
         landing.mkdir(parents=True, exist_ok=True)
-        pl.DataFrame(self.sessions).write_csv(landing / "sessions_20260301T1100.csv")
-        pl.DataFrame(self.reschedules).write_csv(landing / "reschedules_20260301T1100.csv")
-        pl.DataFrame(list(tutors)).write_csv(landing / "tutors_20260301.csv")
+        pl.DataFrame(self.sessions).write_csv(landing / f"sessions_{stamp}.csv")
+        if self.reschedules:
+            pl.DataFrame(self.reschedules).write_csv(landing / f"reschedules_{stamp}.csv")
+        if tutors:
+            pl.DataFrame(list(tutors)).write_csv(landing / "tutors_20260301.csv")
 
 
 def one_file_per_entity(files: Iterable[Path], landing: Path) -> None:

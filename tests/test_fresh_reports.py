@@ -15,8 +15,9 @@ from typing import Any
 import dagster as dg
 import pytest
 import sqlalchemy as sa
+from drops import HandDrop
 from test_ingest_sensor import Watcher
-from test_reports import Drops, T, bodies, build_scenario, publish_only, read_outbox
+from test_reports import T, bodies, build_scenario, publish_only, read_outbox, scenario_drop
 
 from tutor_scoring_dagster.config import Settings
 from tutor_scoring_dagster.definitions import defs
@@ -56,9 +57,9 @@ def minute(instant: datetime) -> datetime:
     return instant.replace(second=0, microsecond=0)
 
 
-def history(at: datetime) -> Drops:
+def history(at: datetime) -> HandDrop:
     """Tutors B and C with a month of clean sessions before ``at``: nobody is at risk."""
-    d = Drops()
+    d = scenario_drop()
     for i in range(2, 31):
         d.session(f"B{i:02d}", "B", at - timedelta(days=i, hours=1))
     for i in range(1, 20):
@@ -67,9 +68,9 @@ def history(at: datetime) -> Drops:
     return d
 
 
-def late_moves(at: datetime) -> Drops:
+def late_moves(at: datetime) -> HandDrop:
     """B moves two sessions within the day before ``at``: B newly crosses the risk rule."""
-    d = Drops()
+    d = scenario_drop()
     d.session("B-late1", "B", at - timedelta(hours=3), "rescheduled", "tutor", notice_h=2)
     d.session("B-late2", "B", at - timedelta(hours=20), "rescheduled", "tutor", notice_h=5)
     return d

@@ -27,9 +27,7 @@ T = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 def build_drops(landing: Path) -> None:
     """A handful of tutors whose scores as of T are computed by hand in the tests below."""
     drop = HandDrop()
-
-    def session(sid: str, tutor: str, at: datetime, status: str, moved_by: str | None = None):
-        drop.session(tutor, at, status, moved_by, session_id=sid)
+    session = drop.session
 
     # A: 30-day window edge counts, T itself and the future do not.
     session("A1", "A", T - timedelta(days=30), "rescheduled", moved_by="tutor")  # 30d, 90d
@@ -55,7 +53,7 @@ def build_drops(landing: Path) -> None:
 
     drop.write(
         landing,
-        [
+        tutors=[
             {
                 "tutor_id": "A",
                 "name": "Ana <b>Bold</b>",

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import polars as pl
 import pytest
 import sqlalchemy as sa
+from drops import HandDrop
 
 from tutor_scoring_dagster.config import SETTINGS, Settings
 from tutor_scoring_dagster.defs.ingest.assets import landing_drops
@@ -44,59 +44,10 @@ INJECTED_NAME = "Zoë <script>alert('x')</script>"
 INJECTED_REASON = '<img src=x onerror="alert(1)">flat tyre'
 
 
-def iso(instant: datetime) -> str:
-    return instant.isoformat().replace("+00:00", "Z")
-
-
-def write_csv(path: Path, rows: list[dict[str, object]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pl.DataFrame(rows).write_csv(path)
-
-
-class Drops:
-    """Sessions and reschedules of a scenario, written as landing drops."""
-
-    def __init__(self) -> None:
-        self.sessions: list[dict[str, object]] = []
-        self.reschedules: list[dict[str, object]] = []
-
-    def session(
-        self,
-        sid: str,
-        tutor: str,
-        at: datetime,
-        status: str = "completed",
-        moved_by: str | None = None,
-        reason: str = "schedule conflict",
-        notice_h: float = 30.0,
-    ) -> None:
-        self.sessions.append(
-            {
-                "session_id": sid,
-                "tutor_id": tutor,
-                "student_id": f"S-{sid}",
-                "scheduled_time": iso(at),
-                "status": status,
-                "duration_minutes": 60,
-            }
-        )
-        if moved_by:
-            self.reschedules.append(
-                {
-                    "session_id": sid,
-                    "initiator": moved_by,
-                    "original_time": iso(at),
-                    "new_time": iso(at + timedelta(days=2)),
-                    "reason": reason,
-                    "reason_code": "other",
-                    "cancelled_at": iso(at - timedelta(hours=notice_h)),
-                }
-            )
-
-    def write(self, landing: Path, stamp: str) -> None:
-        write_csv(landing / f"sessions_{stamp}.csv", self.sessions)
-        if self.reschedules:
-            write_csv(landing / f"reschedules_{stamp}.csv", self.reschedules)
+def scenario_drop() -> HandDrop:
+    """A drop of this module's scenarios: sessions moved two days later, with 30 hours'
+    notice unless a session says otherwise, for a schedule conflict."""
+    return HandDrop(notice=timedelta(hours=30), reason="schedule conflict")
 
 
 def build_scenario(landing: Path) -> None:
@@ -107,7 +58,7 @@ def build_scenario(landing: Path) -> None:
     - R: one tutor reschedule of five sessions (high a day ago), then two more held sessions:
       recovered.
     """
-    d = Drops()
+    d = scenario_drop()
     for i in range(30):
         at = T - timedelta(days=2 * i + 1, hours=2)
         d.session(
@@ -153,10 +104,10 @@ def build_scenario(landing: Path) -> None:
         d.session(f"R{i}", "R", T - timedelta(days=i))
     d.session("R6", "R", T - timedelta(hours=10))
     d.session("R7", "R", T - timedelta(hours=5))
-    d.write(landing, "20260301T1100")
-    write_csv(
-        landing / "tutors_20260301.csv",
-        [
+    d.write(
+        landing,
+        "20260301T1100",
+        tutors=[
             {"tutor_id": "Z", "name": INJECTED_NAME, "email": "z@example.com"},
             {"tutor_id": "B", "name": "Ben & <b>Co</b>", "email": "b@example.com"},
             {"tutor_id": "C", "name": "Cara", "email": "c@example.com"},
@@ -344,7 +295,7 @@ def test_digest_lists_tutors_to_act_on_with_tier_drivers_and_action_newly_flagge
 def test_next_digest_says_what_changed_since_the_last_one(home: Settings) -> None:
     build_scenario(home.landing_dir)
     assert run_pipeline(as_of=T, history_days=35).success
-    d = Drops()
+    d = scenario_drop()
     d.session("C-new1", "C", T + timedelta(minutes=10))
     d.session("C-new2", "C", T + timedelta(minutes=30))
     d.write(home.landing_dir, "20260301T1245")
@@ -400,7 +351,7 @@ def test_sensor_launches_due_work_once_and_nothing_when_nothing_is_new(home: Set
             assert "no report work is due" in str(result.skip_message)
 
         # A new snapshot with news: one run for its digest, named by its key and attempt.
-        d = Drops()
+        d = scenario_drop()
         d.session("C-new", "C", T + timedelta(minutes=20))
         d.write(home.landing_dir, "20260301T1245")
         later = T + timedelta(hours=1)
@@ -521,7 +472,7 @@ def test_per_session_reports_cover_each_session_exactly_once(
     engine.dispose()
     assert sorted(seen) == stored  # every session once, none twice
 
-    d = Drops()
+    d = scenario_drop()
     d.session(
         "C-new1",
         "C",

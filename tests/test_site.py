@@ -64,8 +64,8 @@ def build_drops(landing: Path) -> None:
     drop = HandDrop(moved_for=timedelta(days=1), notice=timedelta(hours=6))
 
     def session(tutor: str, at: datetime, status: str, moved_by: str | None = None) -> None:
-        reason = EVIL_REASON if tutor == "B" else "<i>flat tyre</i>"
-        drop.session(tutor, at, status, moved_by, reason=reason)
+        reason = EVIL_REASON if tutor == "B" else None
+        drop.session(f"{tutor}-{len(drop.sessions)}", tutor, at, status, moved_by, reason=reason)
 
     for day in range(1, 15):
         at = T - timedelta(days=day, hours=2)
@@ -82,7 +82,7 @@ def build_drops(landing: Path) -> None:
 
     drop.write(
         landing,
-        [{"tutor_id": k, "name": v, "email": f"{k}@example.com"} for k, v in NAMES.items()],
+        tutors=[{"tutor_id": k, "name": v, "email": f"{k}@example.com"} for k, v in NAMES.items()],
     )
 
 
