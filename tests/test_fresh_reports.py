@@ -17,7 +17,15 @@ import pytest
 import sqlalchemy as sa
 from drops import HandDrop
 from test_ingest_sensor import Watcher
-from test_reports import T, bodies, build_scenario, publish_only, read_outbox, scenario_drop
+from test_reports import (
+    T,
+    bodies,
+    build_scenario,
+    default_report_config,
+    publish_only,
+    read_outbox,
+    scenario_drop,
+)
 
 from tutor_scoring_dagster.config import Settings
 from tutor_scoring_dagster.definitions import defs
@@ -32,9 +40,7 @@ from tutor_scoring_dagster.reports import (
     deliver_due,
     digest_key,
     find_due_work,
-    report_config,
 )
-from tutor_scoring_dagster.scoring import RiskRule
 from tutor_scoring_dagster.store import ledger
 from tutor_scoring_dagster.store.publish import create_store_engine
 from tutor_scoring_dagster.store.report_reads import snapshot_as_of
@@ -185,13 +191,7 @@ class Down:
 
 def deliver(engine: sa.Engine, sender: Any, at: datetime) -> list[str]:
     """One report run at ``at``: what it sent."""
-    config = report_config(
-        RiskRule(),
-        ReportSettings(),
-        backend=sender.name,
-        sender_address="reports@example.com",
-        recipients=("admin@example.com",),
-    )
+    config = default_report_config(sender.name)
     work = find_due_work(engine, now=at, settings=ReportSettings())
     outcome = deliver_due(engine, sender, work, config=config, now=lambda: at, sleep=lambda s: None)
     return outcome.sent
@@ -285,13 +285,7 @@ def test_a_digest_found_before_a_publish_of_the_same_hour_renders_the_newer_snap
     work = find_due_work(engine, now=at, settings=ReportSettings())
     assert digest_key(T) in work.keys
     publish_only(T + timedelta(minutes=3))  # a landing run lands between finding and sending
-    config = report_config(
-        RiskRule(),
-        ReportSettings(),
-        backend="outbox",
-        sender_address="reports@example.com",
-        recipients=("admin@example.com",),
-    )
+    config = default_report_config()
     outcome = deliver_due(engine, OutboxSender(home.outbox_dir), work, config=config)
     assert digest_key(T) in outcome.sent and not outcome.closed
     digest = read_outbox(home.outbox_dir)[digest_key(T)]

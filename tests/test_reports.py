@@ -27,14 +27,16 @@ from tutor_scoring_dagster.defs.reports.sensors import report_sensor
 from tutor_scoring_dagster.defs.resources import ServingStoreResource, default_resources
 from tutor_scoring_dagster.defs.scores.assets import tutor_scores_current
 from tutor_scoring_dagster.reports import (
+    ReportConfig,
     ReportSettings,
     alert_key,
     digest_key,
     find_due_work,
     parse_key,
+    report_config,
     session_batch_key,
 )
-from tutor_scoring_dagster.scoring import wilson_lower_bound_scalar
+from tutor_scoring_dagster.scoring import RiskRule, wilson_lower_bound_scalar
 from tutor_scoring_dagster.store import ledger
 from tutor_scoring_dagster.store.migrate import ensure_current
 from tutor_scoring_dagster.store.publish import create_store_engine
@@ -42,6 +44,18 @@ from tutor_scoring_dagster.store.publish import create_store_engine
 T = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 INJECTED_NAME = "Zoë <script>alert('x')</script>"
 INJECTED_REASON = '<img src=x onerror="alert(1)">flat tyre'
+
+
+def default_report_config(backend: str = "outbox") -> ReportConfig:
+    """The reports' configuration at the default settings and rule, sent through ``backend``
+    from reports@example.com to admin@example.com."""
+    return report_config(
+        RiskRule(),
+        ReportSettings(),
+        backend=backend,
+        sender_address="reports@example.com",
+        recipients=("admin@example.com",),
+    )
 
 
 def scenario_drop() -> HandDrop:

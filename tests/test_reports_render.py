@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from drops import one_file_per_entity
-from test_reports import bodies, read_outbox
+from test_reports import bodies, default_report_config, read_outbox
 
 from tutor_scoring_dagster.config import Settings
 from tutor_scoring_dagster.defs.jobs import run_pipeline
 from tutor_scoring_dagster.generate import generate_drops
-from tutor_scoring_dagster.reports import ReportSettings, render_alert, report_config
-from tutor_scoring_dagster.scoring import RiskRule
+from tutor_scoring_dagster.reports import render_alert
 from tutor_scoring_dagster.store.reads import current_scores
 from tutor_scoring_dagster.store.report_reads import utc
 
@@ -92,13 +91,7 @@ def test_digest_and_alert_render_in_chromium(home: Settings, tmp_path: Path) -> 
     # The alert of the tutor with the highest 30-day rate (an alert may or may not be due).
     engine = sa.create_engine(home.database_url)
     worst = next(r for r in current_scores(engine) if r["is_high_risk"])
-    config = report_config(
-        RiskRule(),
-        ReportSettings(),
-        backend="outbox",
-        sender_address="reports@example.com",
-        recipients=("admin@example.com",),
-    )
+    config = default_report_config()
     alert = render_alert(
         engine,
         key=f"alert:{worst['tutor_id']}:2026-03-01",
