@@ -247,7 +247,7 @@ def publish(plan: Plan) -> dict[str, Any]:
         publish_current,
         publish_history,
     )
-    from tutor_scoring_dagster.warehouse import connect, export_parts, query_frame
+    from tutor_scoring_dagster.warehouse import connect, export_daily_scores, query_frame
 
     settings = load_settings()
     with connect(settings.warehouse, read_only=True) as con:
@@ -258,17 +258,12 @@ def publish(plan: Plan) -> dict[str, Any]:
         sessions = query_frame(con, project_sql("sessions_recent_select"), {"since": since})
         reschedules = query_frame(con, project_sql("reschedules_recent_select"), {"since": since})
         # As the tutor_score_history asset: the range in Parquet parts of whole tutors.
-        days = {
-            "start": plan.as_of - timedelta(days=plan.days - 1),
-            "end": plan.as_of + timedelta(1),
-        }
         parts_dir = Path(tempfile.mkdtemp(prefix=".history-", dir=settings.warehouse.parent))
         history = FrameParts.from_parquet(
-            export_parts(
+            export_daily_scores(
                 con,
-                key_rows_sql=project_sql("tutor_scores_daily_tutor_rows_select"),
-                part_sql=project_sql("tutor_scores_daily_part_select"),
-                params=days,
+                start=plan.as_of - timedelta(days=plan.days - 1),
+                end=plan.as_of + timedelta(1),
                 folder=parts_dir,
                 part_rows=PART_ROWS,
             )

@@ -15,7 +15,6 @@ import pytest
 import sqlalchemy as sa
 import test_store_frames as f
 
-from tutor_scoring_dagster.paths import load_sql
 from tutor_scoring_dagster.schemas import score_row_schema
 from tutor_scoring_dagster.store import publish as p
 from tutor_scoring_dagster.store import tables as t
@@ -25,7 +24,7 @@ from tutor_scoring_dagster.store.publish import (
     publish_current,
     publish_history,
 )
-from tutor_scoring_dagster.warehouse import ensure_schema, export_parts, replace_rows
+from tutor_scoring_dagster.warehouse import ensure_schema, export_daily_scores, replace_rows
 
 NOW = datetime(2026, 3, 1, 0, 5, tzinfo=UTC)
 STAMPS = {"updated_at", "last_calculated_at"}
@@ -306,11 +305,9 @@ def test_history_in_parts_from_the_warehouse_is_the_history_whole(
     ensure_schema(con)
     replace_rows(con, "tutor_scores_daily", days.select(list(score_row_schema())))
     window = {"start": datetime(2026, 2, 2, tzinfo=UTC), "end": datetime(2026, 2, 7, tzinfo=UTC)}
-    paths = export_parts(
+    paths = export_daily_scores(
         con,
-        key_rows_sql=load_sql("tutor_scores_daily_tutor_rows_select"),
-        part_sql=load_sql("tutor_scores_daily_part_select"),
-        params=window,
+        **window,
         folder=tmp_path,
         part_rows=11,  # two tutors' 5 days a part (whole tutors: 10 rows), the last alone
     )

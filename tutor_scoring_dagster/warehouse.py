@@ -7,6 +7,7 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Final
 
@@ -150,6 +151,26 @@ def export_parts(
         frame.write_parquet(path, compression="lz4", statistics=False)
         paths.append(path)
     return paths
+
+
+def export_daily_scores(
+    con: duckdb.DuckDBPyConnection,
+    *,
+    start: datetime,
+    end: datetime,
+    folder: Path,
+    part_rows: int,
+) -> list[Path]:
+    """The daily snapshots with ``start <= as_of < end``, as Parquet parts of whole tutors in
+    key order (:func:`export_parts`): what ``tutor_score_history`` publishes."""
+    return export_parts(
+        con,
+        key_rows_sql=load_sql("tutor_scores_daily_tutor_rows_select"),
+        part_sql=load_sql("tutor_scores_daily_part_select"),
+        params={"start": start, "end": end},
+        folder=folder,
+        part_rows=part_rows,
+    )
 
 
 def quote_ident(name: str) -> str:

@@ -26,7 +26,7 @@ from tutor_scoring_dagster.store.publish import (
     publish_current,
     publish_history,
 )
-from tutor_scoring_dagster.warehouse import export_parts, query_frame
+from tutor_scoring_dagster.warehouse import export_daily_scores, query_frame
 
 STORE_RETRY = dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL)
 
@@ -187,16 +187,14 @@ def tutor_score_history(
     days of the partitions run are replaced as a whole, with the `tutors` they name."""
     window = context.partition_time_window
     first_day, last_day = window.start.date(), (window.end - timedelta(days=1)).date()
-    days = {"start": window.start + timedelta(days=1), "end": window.end + timedelta(days=1)}
     # A backfill of years is millions of rows: they wait on disk beside the warehouse, in
     # parts of whole tutors, so memory holds one part and the warehouse is free meanwhile.
     with TemporaryDirectory(prefix=".history-", dir=warehouse.file().parent) as folder:
         with warehouse.connect(read_only=True) as con:
-            parts = export_parts(
+            parts = export_daily_scores(
                 con,
-                key_rows_sql=load_sql("tutor_scores_daily_tutor_rows_select"),
-                part_sql=load_sql("tutor_scores_daily_part_select"),
-                params=days,
+                start=window.start + timedelta(days=1),
+                end=window.end + timedelta(days=1),
                 folder=Path(folder),
                 part_rows=PART_ROWS,
             )
