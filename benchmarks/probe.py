@@ -105,11 +105,3 @@ def run_steps(instance: dg.DagsterInstance, run_id: str, sampler: RssSampler) ->
         end, status = ended.get(key, (time.time(), "unfinished"))
         steps.append(Step(key, end - start, sampler.peak_mb(start, end), status))
     return steps
-
-
-def latest_run_id(instance: dg.DagsterInstance) -> str:
-    """The id of the newest run of an instance."""
-    runs = instance.get_runs(limit=1)
-    if not runs:
-        raise RuntimeError("the instance holds no run")
-    return runs[0].run_id

@@ -378,6 +378,13 @@ def markdown(report: dict[str, Any]) -> str:
         steps = st.get(stage, {}).get("steps")
         if steps:
             lines += [f"## {title}", "", *_steps_table(steps), ""]
+            outside = st[stage].get("outside_steps_seconds")
+            if outside is not None:
+                lines += [
+                    f"Outside the steps (Dagster's runs, planned and materialization events): "
+                    f"{_fmt(outside, 2)} s.",
+                    "",
+                ]
     pub = st.get("publish", {})
     if pub.get("cases"):
         lines += [

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import pytest
 from tutor_scoring_dagster import warehouse
 from tutor_scoring_dagster.config import Settings
 from tutor_scoring_dagster.definitions import defs
-from tutor_scoring_dagster.defs.ingest.assets import landing_drops
+from tutor_scoring_dagster.defs.ingest.assets import FILES_LOGGED_ONE_BY_ONE, landing_drops
 from tutor_scoring_dagster.defs.ingest.sensors import (
     BATCH_RUN_KEY_PREFIX,
     RUN_KEY_PREFIX,
@@ -314,6 +315,52 @@ def test_materializing_landing_drops_reports_each_file(
     assert event.materialization.metadata["files_skipped"].value == 1
     assert "outside the landing folder" in str(event.materialization.metadata["files"].value)
     assert outside.exists()
+
+
+def _run_log(instance: dg.DagsterInstance, run_id: str) -> list[tuple[int, str]]:
+    """The user's lines of a run's log (not Dagster's own events): level and message."""
+    return [(e.level, e.user_message) for e in instance.all_logs(run_id) if e.dagster_event is None]
+
+
+def test_the_run_log_names_each_problem_file_and_counts_a_big_pass(
+    home: Settings, instance: dg.DagsterInstance
+) -> None:
+    landing = home.landing_dir
+    landing.mkdir(parents=True)
+    few = FILES_LOGGED_ONE_BY_ONE
+    for i in range(few):
+        (landing / f"sessions_{i:02}.csv").write_text(sessions_text(f"S{i}"), encoding="utf-8")
+    (landing / "reschedules_1.csv").write_text("session_id;initiator\nS1;tutor\n", "utf-8")
+    small = dg.materialize([landing_drops], resources=_resources(home), instance=instance)
+    lines = _run_log(instance, small.run_id)
+    assert [m for level, m in lines if level == logging.WARNING] == [
+        "quarantined reschedules_1.csv: missing required column(s) session_id, initiator, "
+        "cancelled_at; found session_id;initiator (the header has one column: is the file "
+        "comma-separated?)"
+    ]
+    infos = [m for level, m in lines if level == logging.INFO]
+    assert infos == [
+        f"loaded sessions_{i:02}.csv: 1 of 1 rows loaded, 0 rejected" for i in range(few)
+    ]
+
+    # One file more: a backfill's thousands of lines would bury its problems (and cost
+    # Dagster a millisecond each), so the loaded files are counted in one line.
+    for i in range(few + 1):
+        (landing / f"sessions_b{i:02}.csv").write_text(sessions_text(f"B{i}"), encoding="utf-8")
+    (landing / "sessions_b00_again.csv").write_text(sessions_text("B0"), encoding="utf-8")
+    (landing / "sessions_empty.csv").write_text("", encoding="utf-8")
+    big = dg.materialize([landing_drops], resources=_resources(home), instance=instance)
+    lines = _run_log(instance, big.run_id)
+    assert [m.split(":")[0] for level, m in lines if level == logging.WARNING] == [
+        "quarantined sessions_empty.csv"
+    ]
+    assert [m for level, m in lines if level == logging.INFO] == [
+        f"{few + 1} files loaded, 1 duplicates: {few + 1} rows loaded, 0 rejected (per file: "
+        "the asset's files table and the loaded_files ledger)"
+    ]
+    (event,) = big.get_asset_materialization_events()
+    table = str(event.materialization.metadata["files"].value)
+    assert table.count("| loaded | 1 |") == few + 1  # each file still named on the asset page
 
 
 def test_a_backlog_is_handed_over_in_slices_and_the_cursor_stays_small(landing: Path) -> None:

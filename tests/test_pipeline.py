@@ -8,10 +8,12 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
 
+import dagster as dg
 import duckdb
 import pytest
 import sqlalchemy as sa
@@ -19,6 +21,7 @@ from drops import HandDrop
 
 from tutor_scoring_dagster.config import Settings
 from tutor_scoring_dagster.defs.jobs import run_pipeline
+from tutor_scoring_dagster.defs.scores import assets as score_assets
 from tutor_scoring_dagster.scoring import wilson_lower_bound_scalar
 
 T = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -166,6 +169,52 @@ def test_pipeline_end_to_end_on_embedded_defaults(home: Settings) -> None:
     assert again.value("landing_drops", "files_loaded") == 0
     assert again.value("email_reports", "emails_sent") == 0
     assert len(read_outbox(home)) == 1
+
+
+def test_the_whole_run_is_a_run_per_stage_and_a_failed_stage_skips_what_needs_it(
+    home: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Landing, the daily range and the snapshot run one after the other, as a deployment
+    runs them; the daily scoring breaking leaves the snapshot published and sent, and the
+    dashboard (which charts the history) as it was."""
+    build_drops(home.landing_dir)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("daily scoring broke")
+
+    monkeypatch.setattr(score_assets, "assess_days", broken)
+    with dg.instance_for_test() as instance:
+        summary = run_pipeline(as_of=T, history_days=3, instance=instance)
+        jobs = [instance.get_run_by_id(run_id) for run_id in summary.run_ids]
+        planned = Counter(
+            e.dagster_event.asset_key.to_user_string()
+            for run_id in summary.run_ids
+            for e in instance.all_logs(
+                run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED
+            )
+            if e.dagster_event and e.dagster_event.asset_key
+        )
+    assert not summary.success
+    assert summary.errors == ["tutor_scores_daily: RuntimeError: daily scoring broke"]
+    assert [run and run.tags.get("dagster/asset_partition_range_end") for run in jobs] == [
+        None,
+        "2026-02-28",
+        None,
+    ]
+    assert summary.value("tutor_scores_current", "tutors_scored") == 4
+    assert summary.value("email_reports", "emails_sent") == 1
+    assert "dashboard_site" not in summary.metadata
+    assert not home.site_dir.exists() or not any(home.site_dir.iterdir())
+    # The days are planned for the daily assets only (not 3 times for every other asset).
+    assert planned == {
+        "landing_drops": 1,
+        "tutor_daily_activity": 3,
+        "tutor_scores_daily": 3,
+        "tutor_score_history": 3,
+        "tutor_scores_current": 1,
+        "tutor_scores": 1,
+        "email_reports": 1,
+    }
 
 
 def test_pipeline_publishes_to_postgres(

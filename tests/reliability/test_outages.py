@@ -54,9 +54,11 @@ from ._support import (
 DOWN_URL = "postgresql+psycopg://someone:pw-not-shown@127.0.0.1:1/scores"
 
 
-def _events(instance: dg.DagsterInstance, run_id: str, kind: str) -> list[Any]:
+def _events(instance: dg.DagsterInstance, run_ids: list[str], kind: str) -> list[Any]:
+    """The events of ``kind`` in the runs of one ``run_pipeline`` call."""
     return [
         r.dagster_event
+        for run_id in run_ids
         for r in instance.all_logs(run_id)
         if r.dagster_event is not None and r.dagster_event.event_type_value == kind
     ]
@@ -94,11 +96,10 @@ def store_down(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
     ):
         clock.install(mp)
         summary = run_pipeline(as_of=T, history_days=HISTORY_DAYS, instance=instance)
-        run_id = instance.get_runs()[0].run_id
         yield {
             "summary": summary,
-            "retries": _events(instance, run_id, "STEP_UP_FOR_RETRY"),
-            "failures": _events(instance, run_id, "STEP_FAILURE"),
+            "retries": _events(instance, summary.run_ids, "STEP_UP_FOR_RETRY"),
+            "failures": _events(instance, summary.run_ids, "STEP_FAILURE"),
             "home": home,
         }
 
@@ -166,8 +167,7 @@ def test_a_connection_lost_mid_publish_leaves_no_partial_state_and_the_retry_com
     later = T + timedelta(hours=1)
     with dg.instance_for_test() as instance:
         summary = run_pipeline(as_of=later, history_days=HISTORY_DAYS, instance=instance)
-        run_id = instance.get_runs()[0].run_id
-        retries = _events(instance, run_id, "STEP_UP_FOR_RETRY")
+        retries = _events(instance, summary.run_ids, "STEP_UP_FOR_RETRY")
     assert summary.success, summary.render()
     assert len(retries) == 1, [r.step_key for r in retries]
     assert "cannot reach the serving store" in _cause(retries[0].event_specific_data.error)

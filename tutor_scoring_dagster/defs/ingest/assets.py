@@ -1,6 +1,9 @@
 """Ingest: landing drops -> DuckDB warehouse."""
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import dagster as dg
 from pydantic import Field
@@ -73,14 +76,46 @@ def landing_drops(
             paths=[Path(p) for p in config.paths] or None,
             min_age_s=config.min_age_seconds,
         )
-    for f in report.files:
-        if f.outcome == "quarantined":
-            context.log.warning(f"quarantined {f.file_name}: {f.reason}")
-        elif f.outcome == "skipped":
-            context.log.warning(f"skipped {f.file_name}: {f.reason}")
-        else:
-            context.log.info(
-                f"{f.outcome} {f.file_name}: {f.rows_loaded} of {f.rows_read} rows loaded, "
-                f"{f.rows_rejected} rejected"
-            )
+    for line in ingest_log_lines(report):
+        context.log.log(line.level, line.message)
     return dg.MaterializeResult(metadata=ingest_metadata(report))
+
+
+FILES_LOGGED_ONE_BY_ONE: Final = 20
+"""Above this many loaded (or duplicate) files in a pass, the run log counts them in one line:
+each is still in the asset's ``files`` table and the ``loaded_files`` ledger. Every event costs
+Dagster about a millisecond, and a backfill's thousands of lines bury its problems."""
+
+
+@dataclass(frozen=True)
+class LogLine:
+    level: int
+    message: str
+
+
+def ingest_log_lines(report: IngestReport) -> list[LogLine]:
+    """What the run log says of a pass: each quarantined or skipped file with its reason, and
+    each loaded or duplicate file (or, for a big pass, their counts in one line)."""
+    problems = [f for f in report.files if f.outcome in ("quarantined", "skipped")]
+    others = [f for f in report.files if f.outcome not in ("quarantined", "skipped")]
+    lines = [LogLine(logging.WARNING, f"{f.outcome} {f.file_name}: {f.reason}") for f in problems]
+    if len(others) <= FILES_LOGGED_ONE_BY_ONE:
+        lines += [
+            LogLine(
+                logging.INFO,
+                f"{f.outcome} {f.file_name}: {f.rows_loaded} of {f.rows_read} rows loaded, "
+                f"{f.rows_rejected} rejected",
+            )
+            for f in others
+        ]
+    else:
+        rejected = sum(f.rows_rejected for f in others)
+        lines.append(
+            LogLine(
+                logging.INFO,
+                f"{report.count('loaded')} files loaded, {report.count('duplicate')} duplicates: "
+                f"{report.rows_loaded} rows loaded, {rejected} rejected (per file: the "
+                "asset's files table and the loaded_files ledger)",
+            )
+        )
+    return lines
