@@ -12,7 +12,8 @@ import pytest
 import sqlalchemy as sa
 from drops import one_file_per_entity
 
-from tutor_scoring_dagster.assessment import assess_as_of, flagged_since
+from tutor_scoring_dagster import assessment
+from tutor_scoring_dagster.assessment import assess_as_of, assess_days, flagged_since
 from tutor_scoring_dagster.backtest import run_backtest
 from tutor_scoring_dagster.config import SETTINGS, Settings, load_settings
 from tutor_scoring_dagster.defs.jobs import run_pipeline
@@ -140,3 +141,20 @@ def test_flagged_since_reads_like_a_person_wrote_it() -> None:
     assert flagged_since({"as_of": as_of, "watch_since": as_of - timedelta(days=30)}) == (
         "for 30+ days"
     )
+
+
+def test_a_long_range_assessed_a_chunk_at_a_time_equals_one_chunk(
+    home: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daily partitions' path: scores of the next chunk are computed while this chunk's
+    tiers are; the rows are those of the range taken at once."""
+    land(home, tmp_path)
+    assert run_pipeline(as_of=AS_OF, history_days=1).success
+    first, last = END - timedelta(days=9), END - timedelta(days=1)
+    rule, params = RiskRule(), AssessParams()
+    with connect(home.warehouse, read_only=True) as con:
+        whole = assess_days(con, first, last, rule, params, with_drivers=False).scores
+        monkeypatch.setattr(assessment, "CHUNK_DAYS", 2)
+        chunked = assess_days(con, first, last, rule, params, with_drivers=False).scores
+    assert whole.height == 9 * whole.get_column("tutor_id").n_unique() > 0
+    assert chunked.sort("tutor_id", "as_of").equals(whole.sort("tutor_id", "as_of"))

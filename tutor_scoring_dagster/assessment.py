@@ -12,6 +12,7 @@ its :class:`~tutor_scoring_dagster.schemas.TutorRiskTiers` columns (``score_row_
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from itertools import repeat
@@ -174,20 +175,32 @@ def assess_days(
         )
     )
     parts: list[Assessment] = []
-    for (day, end), chunk_tiers in zip(chunks, tiers, strict=False):
-        scores = score_snapshots(con, day, end, rule, offset=offset)
-        parts.append(
-            assess(
-                con,
-                scores,
-                day,
-                end,
-                params,
-                offset=offset,
-                with_drivers=with_drivers,
-                tiers=chunk_tiers,
+    # The next chunk's scores (DuckDB, Polars, Pandera) are computed on a connection of their
+    # own while this chunk's tiers (mostly one core of numpy) are: one chunk of scores more in
+    # memory, ~5 s less over three years.
+    with ThreadPoolExecutor(1, thread_name_prefix="scores") as ahead, con.cursor() as reader:
+
+        def scored(i: int) -> Future[pl.DataFrame]:
+            return ahead.submit(score_snapshots, reader, *chunks[i], rule, offset=offset)
+
+        next_scores = scored(0)
+        for i, ((day, end), chunk_tiers) in enumerate(zip(chunks, tiers, strict=False)):
+            scores = next_scores.result()
+            if i + 1 < len(chunks):
+                next_scores = scored(i + 1)
+            parts.append(
+                assess(
+                    con,
+                    scores,
+                    day,
+                    end,
+                    params,
+                    offset=offset,
+                    with_drivers=with_drivers,
+                    tiers=chunk_tiers,
+                )
             )
-        )
+            del scores
     if len(parts) == 1:
         return parts[0]
     return Assessment(
