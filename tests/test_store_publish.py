@@ -416,7 +416,7 @@ def test_binary_copy_round_trips_every_type(pg_engine: sa.Engine) -> None:
         table.create(conn)
         types = p._server_types(conn, table)
         assert p._binary_columns(types, frame) is not None
-        p._copy(conn, table, frame)
+        p._copy(conn, table, [frame])
         stored = [tuple(r) for r in conn.execute(sa.select(table).order_by(table.c.k))]
         # Too big for its column: the frame goes as CSV, and Postgres says what is wrong.
         assert p._binary_columns(types, frame.with_columns(i=pl.lit(2**40))) is None
@@ -425,30 +425,66 @@ def test_binary_copy_round_trips_every_type(pg_engine: sa.Engine) -> None:
         assert all(w == g or (w != w and g != g) for w, g in zip(want, got, strict=True)), got
 
 
+@pytest.mark.parametrize("amount", [sa.Integer, sa.Numeric], ids=["binary", "csv"])
 def test_a_copy_in_parts_and_in_key_order_sends_every_row_once(
-    pg_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+    pg_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch, amount: type[sa.types.TypeEngine[Any]]
 ) -> None:
-    """Frames are ordered and encoded a part at a time (memory holds one part's copy): the
-    parts, in the order asked for, add up to the frame."""
+    """Frames are put in key order and encoded a slice at a time (memory holds one slice's
+    copy), and a frame's parts go as one COPY, made ahead of the one being sent: what arrives
+    is every row once, in the order asked for, in either format (``numeric`` has no binary
+    encoding here: CSV)."""
     monkeypatch.setattr(p, "PART_ROWS", 7)
     monkeypatch.setattr(p, "BINARY_CHUNK_ROWS", 3)
+    monkeypatch.setattr(p, "COPY_CHUNK_ROWS", 4)
     table = sa.Table(
         "parts_round_trip",
         sa.MetaData(),
         sa.Column("seq", sa.Integer, sa.Identity(), primary_key=True),
         sa.Column("k", sa.Integer),
         sa.Column("s", sa.Text),
+        sa.Column("amount", amount),
     )
     frame = pl.DataFrame(
-        {"k": list(range(50, 0, -1)), "s": [f"v{i}" if i % 4 else None for i in range(50)]}
+        {
+            "k": list(range(50, 0, -1)),
+            "s": [f"v{i}" if i % 4 else None for i in range(50)],
+            "amount": [i % 9 for i in range(50)],
+        }
     )
-    order = frame.select(pl.arg_sort_by("k")).to_series()
+    # Parts of consecutive key ranges, as the history's Parquet parts are (an empty one too).
+    parts = [frame.filter(pl.col("k").is_between(lo, lo + 19)) for lo in (1, 21, 41, 61)]
     with pg_engine.begin() as conn:
         table.create(conn)
-        p._copy(conn, table, frame, order)
-        stored = conn.execute(sa.select(table.c.k, table.c.s).order_by(table.c.seq)).all()
+        assert (p._binary_columns(p._server_types(conn, table), frame) is None) == (
+            amount is sa.Numeric
+        )
+        p._copy(conn, table, (piece for part in parts for piece in p._in_key_order(part, ["k"])))
+        stored = conn.execute(
+            sa.select(table.c.k, table.c.s, sa.cast(table.c.amount, sa.Integer)).order_by(
+                table.c.seq
+            )
+        ).all()
         table.drop(conn)
     assert [tuple(r) for r in stored] == frame.sort("k").rows()  # arrived in key order
+
+
+def test_a_part_that_fails_its_check_mid_copy_leaves_nothing(pg_engine: sa.Engine) -> None:
+    """A part read (on the copy's own thread) after others were sent that repeats an earlier
+    part's keys stops the COPY with the check's error, and the publish's transaction keeps
+    none of the rows sent before it."""
+    table = sa.Table("parts_overlap", sa.MetaData(), sa.Column("k", sa.Integer, primary_key=True))
+    parts = [pl.DataFrame({"k": [1, 2]}), pl.DataFrame({"k": [3, 4]}), pl.DataFrame({"k": [4]})]
+    frame = p.FrameParts(parts[0].schema, 5, lambda: iter(parts))
+    with pg_engine.begin() as conn:
+        table.create(conn)
+    try:
+        with pytest.raises(ValueError, match="overlap"), pg_engine.begin() as conn:
+            p._copy(conn, table, p._checked_parts(table, frame))
+        with pg_engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(table)).scalar() == 0
+    finally:
+        with pg_engine.begin() as conn:
+            table.drop(conn)
 
 
 def changed_snapshot(data: dict[str, Any], start: datetime) -> tuple[dict[str, Any], pl.DataFrame]:

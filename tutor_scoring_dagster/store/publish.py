@@ -36,9 +36,9 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from itertools import islice
+from itertools import chain
 from pathlib import Path
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, TypeVar
 
 import numpy as np
 import polars as pl
@@ -88,9 +88,11 @@ BINARY_FORMATS: Final[dict[pl.DataType, str]] = {
 DIRECT_COPY_MIN_ROWS: Final = 100_000
 """Rows from which a frame replacing nothing is copied straight into its table (Postgres)."""
 PART_ROWS: Final = 1_000_000
-"""Rows put in order and made binary at a time by ``_copy``: memory holds one part's copy."""
+"""Rows a big publish holds at a time: the history's Parquet parts (of whole tutors) are
+about this long, and a direct copy puts a frame in key order this many rows at a time."""
 
 Columns: TypeAlias = sa.ColumnCollection[str, sa.ColumnElement[Any]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -490,11 +492,12 @@ def _copy_direct(
         conn.execute(sa.schema.DropConstraint(fk))
     for index in deferred_indexes:
         conn.execute(sa.schema.DropIndex(index))
-    for part in _checked_parts(table, frame):
-        # In key order, each row's primary key entry goes next to the previous one: the index
-        # is filled page by page instead of every page being revisited for each day.
-        order = part.select(pl.arg_sort_by(keys)).to_series()  # indices: no sorted copy
-        _copy(conn, table, part.with_columns(pl.lit(now).alias(stamp.name)), order)
+    # In key order, each row's primary key entry goes next to the previous one: the index is
+    # filled page by page instead of every page being revisited for each day.
+    stamped = (
+        part.with_columns(pl.lit(now).alias(stamp.name)) for part in _checked_parts(table, frame)
+    )
+    _copy(conn, table, (piece for part in stamped for piece in _in_key_order(part, keys)))
     for index in deferred_indexes:
         conn.execute(sa.schema.CreateIndex(index))
     for fk in deferred_keys:
@@ -555,10 +558,10 @@ def _stage(conn: Connection, table: sa.Table, frame: FrameParts) -> sa.Table:
     stage.create(conn)
     if frame.height == 0:
         return stage
-    for part in _checked_parts(table, frame):
-        if conn.dialect.name == "postgresql":
-            _copy(conn, stage, part)
-        else:
+    if conn.dialect.name == "postgresql":
+        _copy(conn, stage, _checked_parts(table, frame))
+    else:
+        for part in _checked_parts(table, frame):
             for offset in range(0, part.height, CHUNK_ROWS):
                 conn.execute(stage.insert(), part.slice(offset, CHUNK_ROWS).to_dicts())
     if conn.dialect.name == "postgresql":
@@ -572,47 +575,51 @@ def _stage(conn: Connection, table: sa.Table, frame: FrameParts) -> sa.Table:
     return stage
 
 
-def _copy(
-    conn: Connection, stage: sa.Table, frame: pl.DataFrame, order: pl.Series | None = None
-) -> None:
-    """Bulk-load ``frame`` (its rows in ``order``, indices, when given) into ``stage`` (a
-    staging table, or a table being filled directly) with ``COPY .. FROM STDIN``, in chunks:
-    in Postgres's binary format when every column has a binary encoding here (no text parsing
-    on the server: several times cheaper for numbers and timestamps), else in CSV. Rows are
-    ordered and encoded :data:`PART_ROWS` at a time, so memory holds one part's copy, not the
-    frame's."""
+def _in_key_order(frame: pl.DataFrame, keys: list[str]) -> Iterator[pl.DataFrame]:
+    """``frame``'s rows sorted by ``keys``, :data:`PART_ROWS` at a time (memory holds one
+    slice's sorted copy, not the frame's)."""
+    order = frame.select(pl.arg_sort_by(keys)).to_series()  # indices: no sorted copy
+    for offset in range(0, frame.height, PART_ROWS):
+        yield frame[order.slice(offset, PART_ROWS)]
+
+
+def _copy(conn: Connection, target: sa.Table, parts: Iterable[pl.DataFrame]) -> None:
+    """Bulk-load the rows of ``parts`` (frames with the same columns, sent in order) into
+    ``target`` (a staging table, or a table being filled directly) with one
+    ``COPY .. FROM STDIN``: in Postgres's binary format when every column of the first part has
+    a binary encoding here (no text parsing on the server: several times cheaper for numbers
+    and timestamps), else in CSV. Parts are produced and encoded on another thread, one chunk
+    ahead of the one being sent, so the server never waits for the next part to be read."""
     quote = conn.dialect.identifier_preparer.quote
-    server_types = _server_types(conn, stage)
-
-    def part(offset: int) -> pl.DataFrame:
-        if order is None:
-            return frame.slice(offset, PART_ROWS)
-        return frame[order.slice(offset, PART_ROWS)]
-
-    first = _binary_columns(server_types, part(0)) if frame.height else None
+    server_types = _server_types(conn, target)
+    nonempty = (part for part in parts if part.height)
+    head = next(nonempty, None)
+    if head is None:
+        return
+    first = _binary_columns(server_types, head)
     fmt = "csv" if first is None else "binary"
-    columns = frame.columns if first is None else first.columns
+    columns = head.columns if first is None else first.columns
     # Identifiers only (a table of tables.py or its stage, and its column names), quoted by the
     # dialect, and one of two format keywords; COPY takes no bound parameters.
     statement = (
-        f"COPY {quote(stage.name)} ({', '.join(quote(c) for c in columns)}) "  # noqa: S608, RUF100
+        f"COPY {quote(target.name)} ({', '.join(quote(c) for c in columns)}) "  # noqa: S608, RUF100
         f"FROM STDIN (FORMAT {fmt})"
     )
     if first is None:
-        chunks: Iterator[bytes | memoryview] = _csv_chunks(frame if order is None else frame[order])
+        chunks: Iterator[bytes | memoryview] = _csv_chunks(chain([head], nonempty))
     else:
 
-        def parts() -> Iterator[pl.DataFrame]:
+        def physical() -> Iterator[pl.DataFrame]:
             yield first
-            for offset in range(PART_ROWS, frame.height, PART_ROWS):
-                physical = _binary_columns(server_types, part(offset))
-                if physical is None or physical.columns != first.columns:
+            for part in nonempty:
+                encoded = _binary_columns(server_types, part)
+                if encoded is None or encoded.columns != first.columns:
                     # A value that does not fit its column (an integer too big): Postgres
                     # would refuse it in any format.
-                    raise ValueError(f"rows {offset}.. of {stage.name} do not fit its columns")
-                yield physical
+                    raise ValueError(f"rows of {target.name} do not fit its columns")
+                yield encoded
 
-        chunks = _binary_chunks(parts())
+        chunks = _binary_chunks(physical())
     driver = conn.connection.driver_connection
     assert isinstance(driver, psycopg.Connection)
     try:
@@ -683,20 +690,15 @@ def _binary_value(col: pl.Expr, server_type: str, dtype: pl.DataType) -> pl.Expr
 
 def _binary_chunks(parts: Iterable[pl.DataFrame]) -> Iterator[bytes | memoryview]:
     """``parts`` (each from ``_binary_columns``, same columns) in Postgres's binary COPY
-    format, a chunk at a time; the next chunk is encoded (mostly without the GIL) while this
-    one is sent."""
+    format, a chunk at a time; the next chunk is encoded (mostly without the GIL), and the
+    parts made, while this one is sent."""
     slices = (
         physical.slice(offset, BINARY_CHUNK_ROWS)
         for physical in parts
         for offset in range(0, physical.height, BINARY_CHUNK_ROWS)
     )
     yield BINARY_SIGNATURE
-    with ThreadPoolExecutor(max_workers=1) as encoder:
-        ahead = [encoder.submit(_binary_chunk, piece) for piece in islice(slices, 1)]
-        while ahead:
-            chunk = ahead.pop().result()
-            ahead += [encoder.submit(_binary_chunk, piece) for piece in islice(slices, 1)]
-            yield chunk
+    yield from _one_ahead(map(_binary_chunk, slices))
     yield BINARY_TRAILER
 
 
@@ -773,25 +775,32 @@ def _text_field(series: pl.Series) -> pa.Array:
     return field if not series.has_nulls() else pc.if_else(value.is_null(), prefix, field)
 
 
-def _csv_chunks(frame: pl.DataFrame) -> Iterator[bytes]:
-    """``frame`` as CSV, a chunk at a time; Polars renders the next chunk (without the GIL)
+def _csv_chunks(parts: Iterable[pl.DataFrame]) -> Iterator[bytes]:
+    """``parts`` as CSV, a chunk at a time; Polars renders the next chunk (without the GIL)
     while the caller sends this one, and no further ahead, to bound memory."""
-    offsets = iter(range(0, frame.height, COPY_CHUNK_ROWS))
-    with ThreadPoolExecutor(max_workers=1) as renderer:
-        ahead = [renderer.submit(_csv, frame, offset) for offset in islice(offsets, 1)]
-        while ahead:
-            chunk = ahead.pop().result()
-            ahead += [renderer.submit(_csv, frame, offset) for offset in islice(offsets, 1)]
-            yield chunk
-
-
-def _csv(frame: pl.DataFrame, offset: int) -> bytes:
-    """Rows ``offset..`` (a chunk) of ``frame`` as CSV the way COPY reads it: a null is an
-    unquoted empty field, an empty string is quoted (``""``)."""
-    buffer = io.BytesIO()
-    frame.slice(offset, COPY_CHUNK_ROWS).write_csv(
-        buffer, include_header=False, quote_style="necessary"
+    slices = (
+        part.slice(offset, COPY_CHUNK_ROWS)
+        for part in parts
+        for offset in range(0, part.height, COPY_CHUNK_ROWS)
     )
+    return _one_ahead(map(_csv, slices))
+
+
+def _one_ahead(items: Iterator[T]) -> Iterator[T]:
+    """``items``, the next one made on another thread while the caller uses this one (and no
+    more than one ahead, to bound memory)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy") as worker:
+        ahead = worker.submit(next, items, None)
+        while (item := ahead.result()) is not None:
+            ahead = worker.submit(next, items, None)
+            yield item
+
+
+def _csv(rows: pl.DataFrame) -> bytes:
+    """``rows`` as CSV the way COPY reads it: a null is an unquoted empty field, an empty
+    string is quoted (``""``)."""
+    buffer = io.BytesIO()
+    rows.write_csv(buffer, include_header=False, quote_style="necessary")
     return buffer.getvalue()
 
 
