@@ -611,12 +611,14 @@ def _copy(conn: Connection, target: sa.Table, parts: Iterable[pl.DataFrame]) -> 
 
         def physical() -> Iterator[pl.DataFrame]:
             yield first
+            sent = first.height
             for part in nonempty:
                 encoded = _binary_columns(server_types, part)
                 if encoded is None or encoded.columns != first.columns:
                     # A value that does not fit its column (an integer too big): Postgres
                     # would refuse it in any format.
-                    raise ValueError(f"rows of {target.name} do not fit its columns")
+                    raise ValueError(f"rows {sent}.. of {target.name} do not fit its columns")
+                sent += part.height
                 yield encoded
 
         chunks = _binary_chunks(physical())
@@ -692,13 +694,8 @@ def _binary_chunks(parts: Iterable[pl.DataFrame]) -> Iterator[bytes | memoryview
     """``parts`` (each from ``_binary_columns``, same columns) in Postgres's binary COPY
     format, a chunk at a time; the next chunk is encoded (mostly without the GIL), and the
     parts made, while this one is sent."""
-    slices = (
-        physical.slice(offset, BINARY_CHUNK_ROWS)
-        for physical in parts
-        for offset in range(0, physical.height, BINARY_CHUNK_ROWS)
-    )
     yield BINARY_SIGNATURE
-    yield from _one_ahead(map(_binary_chunk, slices))
+    yield from _one_ahead(map(_binary_chunk, _slices(parts, BINARY_CHUNK_ROWS)))
     yield BINARY_TRAILER
 
 
@@ -778,17 +775,19 @@ def _text_field(series: pl.Series) -> pa.Array:
 def _csv_chunks(parts: Iterable[pl.DataFrame]) -> Iterator[bytes]:
     """``parts`` as CSV, a chunk at a time; Polars renders the next chunk (without the GIL)
     while the caller sends this one, and no further ahead, to bound memory."""
-    slices = (
-        part.slice(offset, COPY_CHUNK_ROWS)
-        for part in parts
-        for offset in range(0, part.height, COPY_CHUNK_ROWS)
-    )
-    return _one_ahead(map(_csv, slices))
+    return _one_ahead(map(_csv, _slices(parts, COPY_CHUNK_ROWS)))
+
+
+def _slices(parts: Iterable[pl.DataFrame], rows: int) -> Iterator[pl.DataFrame]:
+    """The rows of ``parts``, in order, ``rows`` at a time (a part's last slice may be short)."""
+    for part in parts:
+        for offset in range(0, part.height, rows):
+            yield part.slice(offset, rows)
 
 
 def _one_ahead(items: Iterator[T]) -> Iterator[T]:
-    """``items``, the next one made on another thread while the caller uses this one (and no
-    more than one ahead, to bound memory)."""
+    """``items`` (none of them None: it marks the end), the next one made on another thread
+    while the caller uses this one, and no more than one ahead, to bound memory."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy") as worker:
         ahead = worker.submit(next, items, None)
         while (item := ahead.result()) is not None:
