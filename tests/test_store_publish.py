@@ -18,6 +18,7 @@ import test_store_frames as f
 from tutor_scoring_dagster.schemas import score_row_schema
 from tutor_scoring_dagster.store import publish as p
 from tutor_scoring_dagster.store import tables as t
+from tutor_scoring_dagster.store.migrate import ensure_current
 from tutor_scoring_dagster.store.publish import (
     create_store_engine,
     horizon_start,
@@ -485,6 +486,60 @@ def test_a_part_that_fails_its_check_mid_copy_leaves_nothing(pg_engine: sa.Engin
     finally:
         with pg_engine.begin() as conn:
             table.drop(conn)
+
+
+def store_schema(engine: sa.Engine) -> dict[str, Any]:
+    """Every table's primary key, indexes, foreign keys and checks, as the server reports them."""
+    inspector = sa.inspect(engine)
+    return {
+        table.name: (
+            inspector.get_pk_constraint(table.name),
+            sorted(inspector.get_indexes(table.name), key=lambda i: str(i["name"])),
+            sorted(inspector.get_foreign_keys(table.name), key=lambda k: str(k["name"])),
+            sorted(inspector.get_check_constraints(table.name), key=lambda c: str(c["name"])),
+        )
+        for table in t.metadata.sorted_tables
+    }
+
+
+def test_a_first_publish_copied_straight_in_keeps_every_key_and_index(
+    pg_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Into an empty store, big frames are copied straight into their tables with the primary
+    key, indexes and foreign keys (the table's own and those pointing at it) made after the
+    copy: the store ends with the schema it started with, the same rows as a merged publish,
+    and its keys enforced."""
+    ensure_current(pg_engine)
+    migrated = store_schema(pg_engine)
+    data = snapshot(400, 9)
+    first = date(2026, 2, 1)
+    days = f.history(9, first, 5)
+    monkeypatch.setattr(p, "DIRECT_COPY_MIN_ROWS", 1)
+    statements: list[str] = []
+    sa.event.listen(pg_engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    publish(pg_engine, data)
+    publish_history(pg_engine, days, first, first + timedelta(4), now=NOW)
+    dropped = {s.split()[-1] for s in statements if "DROP CONSTRAINT pk_" in s}
+    published = ["tutors", "sessions", "reschedules", "tutor_scores", "tutor_score_history"]
+    assert dropped == {f"pk_{name}" for name in published}  # tutors': four tables point at it
+    assert store_schema(pg_engine) == migrated
+    # The rows are those a merge would have written: merged again, nothing changes.
+    assert set(publish(pg_engine, data).written.values()) == {0}
+    history_again = publish_history(pg_engine, days, first, first + timedelta(4), now=NOW)
+    assert history_again.written == {"tutor_score_history": 0}
+    with pg_engine.begin() as conn:
+        session = conn.execute(sa.select(t.sessions).limit(1)).mappings().one()
+        with pytest.raises(sa.exc.IntegrityError, match="pk_sessions"), conn.begin_nested():
+            conn.execute(sa.insert(t.sessions).values(**session))
+        with pytest.raises(sa.exc.IntegrityError, match="fk_reschedules"), conn.begin_nested():
+            conn.execute(
+                sa.insert(t.reschedules).values(
+                    session_id="NO-SUCH-SESSION",
+                    cancelled_at=NOW,
+                    initiator="tutor",
+                    updated_at=NOW,
+                )
+            )
 
 
 def changed_snapshot(data: dict[str, Any], start: datetime) -> tuple[dict[str, Any], pl.DataFrame]:

@@ -10,10 +10,10 @@ has. A re-run with the same input writes nothing and leaves ``updated_at`` /
 
 On Postgres, a big frame whose table holds no row in the scope it replaces (a first publish, a
 backfill of new days) skips the stage: it is copied straight into its table, where the merge
-would have inserted every row anyway. Into an empty table, its foreign keys and secondary
-indexes are dropped for the copy and made again after it, in the same transaction (one
-set-based check and one sorted index build instead of a lookup and an index insert per row),
-and the rows go in key order, so the primary key is filled page by page.
+would have inserted every row anyway. Into an empty table, its primary key, indexes and
+foreign keys are dropped for the copy and made again after it, in the same transaction (one
+sorted build and one set-based check instead of index inserts and a lookup per row); the rows
+go in key order, so the primary key's build sorts sorted rows.
 
 Postgres gets every frame in its binary ``COPY`` format where the columns allow (numbers,
 booleans, dates, zone-aware timestamps, text: no text parsing on the server), encoded with
@@ -483,21 +483,28 @@ def _copy_direct(
     conn: Connection, table: sa.Table, frame: FrameParts, now: datetime, table_empty: bool
 ) -> int:
     """Copy ``frame``, stamped ``now``, straight into ``table`` (which holds none of its keys);
-    into an empty table with its foreign keys and secondary indexes made after the copy."""
+    into an empty table with its keys and indexes made after the copy."""
     stamp = next(c for c in table.columns if c.name in STAMPS)
     keys = [c.name for c in table.primary_key.columns]
-    deferred_keys = list(table.foreign_key_constraints) if table_empty else []
+    # Into an empty table, the primary key and indexes are built once from sorted rows rather
+    # than kept up row by row: at 5.4M history rows the primary key cost the COPY 11 of its
+    # 27 s, and its build after it 4 s (benchmarks/README.md). Dropping the key takes the
+    # foreign keys on it with it: their tables are empty too (nothing to point at).
+    deferred_keys = [*table.foreign_key_constraints, *_referencing(table)] if table_empty else []
     deferred_indexes = list(table.indexes) if table_empty else []
     for fk in deferred_keys:
         conn.execute(sa.schema.DropConstraint(fk))
     for index in deferred_indexes:
         conn.execute(sa.schema.DropIndex(index))
-    # In key order, each row's primary key entry goes next to the previous one: the index is
-    # filled page by page instead of every page being revisited for each day.
+    if table_empty:
+        conn.execute(sa.schema.DropConstraint(table.primary_key))
+    # In key order, the primary key's build sorts rows already sorted.
     stamped = (
         part.with_columns(pl.lit(now).alias(stamp.name)) for part in _checked_parts(table, frame)
     )
     _copy(conn, table, (piece for part in stamped for piece in _in_key_order(part, keys)))
+    if table_empty:
+        conn.execute(sa.schema.AddConstraint(table.primary_key))  # refuses a repeated key
     for index in deferred_indexes:
         conn.execute(sa.schema.CreateIndex(index))
     for fk in deferred_keys:
@@ -509,6 +516,17 @@ def _copy_direct(
         quote = conn.dialect.identifier_preparer.quote
         conn.exec_driver_sql(f"ANALYZE {quote(table.name)}")  # noqa: S608, RUF100
     return frame.height
+
+
+def _referencing(table: sa.Table) -> list[sa.ForeignKeyConstraint]:
+    """The foreign keys of the other tables of ``table``'s metadata that point at it."""
+    return [
+        fk
+        for other in table.metadata.tables.values()
+        if other is not table
+        for fk in other.foreign_key_constraints
+        if fk.referred_table is table
+    ]
 
 
 def _checked_parts(table: sa.Table, frame: FrameParts) -> Iterator[pl.DataFrame]:
