@@ -182,7 +182,7 @@ def test_the_whole_run_is_a_run_per_stage_and_a_failed_stage_skips_what_needs_it
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("daily scoring broke")
 
-    monkeypatch.setattr(score_assets, "assess_days", broken)
+    monkeypatch.setattr(score_assets, "assess_days_by_chunk", broken)
     with dg.instance_for_test() as instance:
         summary = run_pipeline(as_of=T, history_days=3, instance=instance)
         jobs = [instance.get_run_by_id(run_id) for run_id in summary.run_ids]

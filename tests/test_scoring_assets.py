@@ -8,6 +8,7 @@ import random
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,14 @@ import polars as pl
 import pytest
 from drops import one_file_per_entity
 
-from tutor_scoring_dagster import scoring, warehouse
+from tutor_scoring_dagster import assessment, scoring, warehouse
 from tutor_scoring_dagster.assessment import Assessment, reach_days
 from tutor_scoring_dagster.config import Settings
 from tutor_scoring_dagster.defs.partitions import daily_partitions
 from tutor_scoring_dagster.defs.resources import RiskRuleResource, WarehouseResource
 from tutor_scoring_dagster.defs.scores import assets as score_assets
 from tutor_scoring_dagster.defs.scores.assets import (
+    score_metadata,
     tutor_daily_activity,
     tutor_scores_current,
     tutor_scores_daily,
@@ -137,6 +139,61 @@ def test_backfill_range_run_equals_one_run_per_partition(wh: Path, tmp_path: Pat
     assert scores.get_column("recommended_action").null_count() == scores.height
     flagged = snapshot.filter(pl.col("risk_tier").is_in(["high", "watch"]))
     assert flagged.height > 0 and flagged.get_column("recommended_action").null_count() == 0
+
+
+def test_a_range_run_stores_its_chunks_in_one_transaction(
+    wh: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A range is assessed a chunk of days at a time and stored a chunk at a time (years of
+    rows are not in memory twice): the rows and the asset page's counts are those of the range
+    in one piece, and storing that fails midway leaves the range's rows as they were."""
+    first, last = date(2024, 5, 10), date(2024, 5, 14)
+    whole = tmp_path / "whole.duckdb"
+    shutil.copy(wh, whole)
+    at_once = dg.materialize(DAILY, resources=resources(whole), tags=range_tags(first, last))
+    monkeypatch.setattr(assessment, "CHUNK_DAYS", 2)
+    chunks: list[int] = []
+    real_assess = assessment.assess
+
+    def counted(*args: Any, **kwargs: Any) -> Assessment:
+        chunks.append(1)
+        return real_assess(*args, **kwargs)
+
+    monkeypatch.setattr(assessment, "assess", counted)
+    chunked = dg.materialize(DAILY, resources=resources(wh), tags=range_tags(first, last))
+    assert at_once.success and chunked.success and len(chunks) == 3
+    stored = table(wh, "tutor_scores_daily")
+    assert stored.height > 0 and stored.equals(table(whole, "tutor_scores_daily"))
+
+    def page(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
+        event = result.asset_materializations_for_node("tutor_scores_daily")[0]
+        return {k: v.value for k, v in event.metadata.items()}
+
+    assert page(chunked) == page(at_once)
+    assert page(chunked) == {
+        "first_as_of": partition_as_of(first).isoformat(),
+        "last_as_of": partition_as_of(last).isoformat(),
+        **{k: v.value for k, v in score_metadata(stored).items()},
+    }
+    assert page(chunked)["rows"] == stored.height
+
+    stored_parts: list[int] = []
+
+    def broken(frames: list[pl.DataFrame]) -> Iterator[pl.DataFrame]:
+        for frame in real_drained(frames):
+            if stored_parts:
+                raise RuntimeError("storing broke")
+            stored_parts.append(frame.height)
+            yield frame
+
+    real_drained = score_assets._drained
+    monkeypatch.setattr(score_assets, "_drained", broken)
+    stricter = {**resources(wh), "risk_rule": RiskRuleResource(threshold=0.05)}  # other rows
+    failed = dg.materialize(
+        DAILY, resources=stricter, tags=range_tags(first, last), raise_on_error=False
+    )
+    assert not failed.success and len(stored_parts) == 1  # one part went in, then was undone
+    assert table(wh, "tutor_scores_daily").equals(stored)
 
 
 def current_run(

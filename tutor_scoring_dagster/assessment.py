@@ -158,8 +158,32 @@ def assess_days(
     offset: timedelta = timedelta(0),
     with_drivers: bool = True,
 ) -> Assessment:
-    """Scored and assessed snapshots as of the end of each day ``first_day..last_day``, a
-    chunk of days at a time (memory stays flat over a long backfill)."""
+    """Scored and assessed snapshots as of the end of each day ``first_day..last_day``."""
+    parts = list(
+        assess_days_by_chunk(
+            con, first_day, last_day, rule, params, offset=offset, with_drivers=with_drivers
+        )
+    )
+    if len(parts) == 1:
+        return parts[0]
+    return Assessment(
+        scores=pl.concat([p.scores for p in parts], rechunk=False),
+        drivers=pl.concat([p.drivers for p in parts], rechunk=False),
+    )
+
+
+def assess_days_by_chunk(
+    con: duckdb.DuckDBPyConnection,
+    first_day: date,
+    last_day: date,
+    rule: RiskRule,
+    params: AssessParams,
+    *,
+    offset: timedelta = timedelta(0),
+    with_drivers: bool = True,
+) -> Iterator[Assessment]:
+    """:func:`assess_days` a chunk of days (CHUNK_DAYS) at a time, in day order: the
+    caller may store or drop each chunk before asking for the next."""
     chunks: list[tuple[date, date]] = []
     day = first_day
     while day <= last_day:
@@ -174,7 +198,6 @@ def assess_days(
             con, chunks, params.tiers, offset=offset, since_lookback_days=WATCH_SINCE_REACH_DAYS
         )
     )
-    parts: list[Assessment] = []
     # The next chunk's scores (DuckDB, Polars, Pandera) are computed on a connection of their
     # own while this chunk's tiers (mostly one core of numpy) are: one chunk of scores more in
     # memory, ~5 s less over three years.
@@ -188,25 +211,17 @@ def assess_days(
             scores = next_scores.result()
             if i + 1 < len(chunks):
                 next_scores = scored(i + 1)
-            parts.append(
-                assess(
-                    con,
-                    scores,
-                    day,
-                    end,
-                    params,
-                    offset=offset,
-                    with_drivers=with_drivers,
-                    tiers=chunk_tiers,
-                )
+            yield assess(
+                con,
+                scores,
+                day,
+                end,
+                params,
+                offset=offset,
+                with_drivers=with_drivers,
+                tiers=chunk_tiers,
             )
             del scores
-    if len(parts) == 1:
-        return parts[0]
-    return Assessment(
-        scores=pl.concat([p.scores for p in parts], rechunk=False),
-        drivers=pl.concat([p.drivers for p in parts], rechunk=False),
-    )
 
 
 def assess_as_of(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -275,30 +275,30 @@ def refresh_current(con: duckdb.DuckDBPyConnection) -> int:
 def replace_rows(
     con: duckdb.DuckDBPyConnection,
     table: str,
-    rows: pl.DataFrame,
+    rows: pl.DataFrame | Iterable[pl.DataFrame],
     column: str | None = None,
     start: object = None,
     end: object = None,
-) -> None:
+) -> int:
     """Replace a score or driver table's rows (all, or those with ``start <= column < end``)
-    in one transaction."""
-    replace_tables(con, {table: rows}, column, start, end)
+    in one transaction, with ``rows`` (a frame, or parts of one as they come); returns the
+    rows inserted."""
+    return replace_tables(con, {table: rows}, column, start, end)
 
 
 def replace_tables(
     con: duckdb.DuckDBPyConnection,
-    frames: dict[str, pl.DataFrame],
+    frames: Mapping[str, pl.DataFrame | Iterable[pl.DataFrame]],
     column: str | None = None,
     start: object = None,
     end: object = None,
-) -> None:
+) -> int:
     """:func:`replace_rows` for several tables at once, in one transaction (a snapshot and
     its drivers change together or not at all)."""
-    for table, rows in frames.items():
+    for table in frames:
         if table not in SCORE_TABLES + DRIVER_TABLES:
             raise ValueError(f"not a score or driver table: {table!r}")
-        if column is not None and column not in rows.columns:
-            raise ValueError(f"unknown column {column!r}")
+    inserted = 0
     con.execute("BEGIN TRANSACTION")
     try:
         for table, rows in frames.items():
@@ -310,12 +310,18 @@ def replace_tables(
                     f'DELETE FROM {table} WHERE "{column}" >= $start AND "{column}" < $end',  # noqa: S608
                     {"start": start, "end": end},
                 )
-            con.register("incoming_rows", rows)
-            try:
+            for part in [rows] if isinstance(rows, pl.DataFrame) else rows:
+                if column is not None and column not in part.columns:
+                    raise ValueError(f"unknown column {column!r}")
+                # DuckDB finds the frame by its variable name (a replacement scan): a frame
+                # registered instead stays in memory until the connection closes, each part of
+                # a long backfill on top of the last.
+                incoming_rows = part
                 con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming_rows")  # noqa: S608
-            finally:
-                con.unregister("incoming_rows")
+                del incoming_rows
+                inserted += part.height
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
+    return inserted
