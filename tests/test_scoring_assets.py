@@ -8,7 +8,6 @@ import random
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -144,9 +143,10 @@ def test_backfill_range_run_equals_one_run_per_partition(wh: Path, tmp_path: Pat
 def test_a_range_run_stores_its_chunks_in_one_transaction(
     wh: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A range is assessed a chunk of days at a time and stored a chunk at a time (years of
-    rows are not in memory twice): the rows and the asset page's counts are those of the range
-    in one piece, and storing that fails midway leaves the range's rows as they were."""
+    """A range is stored a chunk of days at a time while the next chunk is assessed (years of
+    rows are never all in memory): the rows and the asset page's counts are those of the range
+    in one piece, and a chunk that fails after others were stored leaves the range's stored
+    rows as they were, not half replaced."""
     first, last = date(2024, 5, 10), date(2024, 5, 14)
     whole = tmp_path / "whole.duckdb"
     shutil.copy(wh, whole)
@@ -177,22 +177,17 @@ def test_a_range_run_stores_its_chunks_in_one_transaction(
     }
     assert page(chunked)["rows"] == stored.height
 
-    stored_parts: list[int] = []
+    def broken(*args: Any, **kwargs: Any) -> Assessment:
+        if len(chunks) == 4:  # the second chunk of the next run, while the first is stored
+            raise RuntimeError("chunk broke")
+        return counted(*args, **kwargs)
 
-    def broken(frames: list[pl.DataFrame]) -> Iterator[pl.DataFrame]:
-        for frame in real_drained(frames):
-            if stored_parts:
-                raise RuntimeError("storing broke")
-            stored_parts.append(frame.height)
-            yield frame
-
-    real_drained = score_assets._drained
-    monkeypatch.setattr(score_assets, "_drained", broken)
+    monkeypatch.setattr(assessment, "assess", broken)
     stricter = {**resources(wh), "risk_rule": RiskRuleResource(threshold=0.05)}  # other rows
     failed = dg.materialize(
         DAILY, resources=stricter, tags=range_tags(first, last), raise_on_error=False
     )
-    assert not failed.success and len(stored_parts) == 1  # one part went in, then was undone
+    assert not failed.success and len(chunks) == 4
     assert table(wh, "tutor_scores_daily").equals(stored)
 
 

@@ -32,13 +32,12 @@ import io
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from itertools import chain
 from pathlib import Path
-from typing import Any, Final, TypeAlias, TypeVar
+from typing import Any, Final, TypeAlias
 
 import numpy as np
 import polars as pl
@@ -49,6 +48,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from tutor_scoring_dagster.ahead import one_ahead
 from tutor_scoring_dagster.store import tables as t
 from tutor_scoring_dagster.store.migrate import ensure_current, locked_transaction
 
@@ -92,7 +92,6 @@ PART_ROWS: Final = 1_000_000
 about this long, and a direct copy puts a frame in key order this many rows at a time."""
 
 Columns: TypeAlias = sa.ColumnCollection[str, sa.ColumnElement[Any]]
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -713,7 +712,7 @@ def _binary_chunks(parts: Iterable[pl.DataFrame]) -> Iterator[bytes | memoryview
     format, a chunk at a time; the next chunk is encoded (mostly without the GIL), and the
     parts made, while this one is sent."""
     yield BINARY_SIGNATURE
-    yield from _one_ahead(map(_binary_chunk, _slices(parts, BINARY_CHUNK_ROWS)))
+    yield from one_ahead(map(_binary_chunk, _slices(parts, BINARY_CHUNK_ROWS)), "copy")
     yield BINARY_TRAILER
 
 
@@ -793,7 +792,7 @@ def _text_field(series: pl.Series) -> pa.Array:
 def _csv_chunks(parts: Iterable[pl.DataFrame]) -> Iterator[bytes]:
     """``parts`` as CSV, a chunk at a time; Polars renders the next chunk (without the GIL)
     while the caller sends this one, and no further ahead, to bound memory."""
-    return _one_ahead(map(_csv, _slices(parts, COPY_CHUNK_ROWS)))
+    return one_ahead(map(_csv, _slices(parts, COPY_CHUNK_ROWS)), "copy")
 
 
 def _slices(parts: Iterable[pl.DataFrame], rows: int) -> Iterator[pl.DataFrame]:
@@ -801,16 +800,6 @@ def _slices(parts: Iterable[pl.DataFrame], rows: int) -> Iterator[pl.DataFrame]:
     for part in parts:
         for offset in range(0, part.height, rows):
             yield part.slice(offset, rows)
-
-
-def _one_ahead(items: Iterator[T]) -> Iterator[T]:
-    """``items`` (none of them None: it marks the end), the next one made on another thread
-    while the caller uses this one, and no more than one ahead, to bound memory."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="copy") as worker:
-        ahead = worker.submit(next, items, None)
-        while (item := ahead.result()) is not None:
-            ahead = worker.submit(next, items, None)
-            yield item
 
 
 def _csv(rows: pl.DataFrame) -> bytes:

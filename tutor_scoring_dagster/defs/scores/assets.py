@@ -1,6 +1,6 @@
 """Scores: daily activity, rolling 7/30/90-day rates, daily partitions, hourly snapshot."""
 
-from collections.abc import Iterator
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -8,6 +8,7 @@ import dagster as dg
 import duckdb
 import polars as pl
 
+from tutor_scoring_dagster.ahead import one_behind
 from tutor_scoring_dagster.assessment import (
     AssessParams,
     assess_as_of,
@@ -28,13 +29,20 @@ from tutor_scoring_dagster.scoring import (
 )
 from tutor_scoring_dagster.warehouse import fetch_one, replace_rows, replace_tables
 
+TOP_RISKS = 10
+"""High-risk rows the asset page previews."""
 
-def _top_risks(scores: pl.DataFrame, limit: int = 10) -> str:
+
+def _top_risk_rows(scores: pl.DataFrame) -> pl.DataFrame:
     high = scores.filter(pl.col("is_high_risk")).sort("reschedule_rate_30d", descending=True)
+    return high.head(TOP_RISKS)
+
+
+def _top_risks(high: pl.DataFrame) -> str:
     if high.height == 0:
         return "No high-risk tutors."
     lines = ["| tutor | 7d | 30d | 90d | sessions 30d |", "|---|---|---|---|---|"]
-    for r in high.head(limit).iter_rows(named=True):
+    for r in high.iter_rows(named=True):
         rates = [
             "-" if r[f"reschedule_rate_{w}d"] is None else f"{r[f'reschedule_rate_{w}d']:.0%}"
             for w in (7, 30, 90)
@@ -43,20 +51,45 @@ def _top_risks(scores: pl.DataFrame, limit: int = 10) -> str:
     return "\n".join(lines)
 
 
+class ScoreTally:
+    """Counts (rows per risk tier too) and the top risks of score rows, for the asset page,
+    taken a part at a time: a backfill stores its parts as they come, never all at once."""
+
+    def __init__(self) -> None:
+        self._tutors: list[pl.Series] = []
+        self._counts: Counter[str] = Counter()
+        self._top: list[pl.DataFrame] = []
+
+    def add(self, scores: pl.DataFrame) -> pl.DataFrame:
+        """Count ``scores`` in; returns them, to be passed on."""
+        self._tutors.append(scores.get_column("tutor_id").unique())
+        self._counts["rows"] += scores.height
+        self._counts["high_risk_rows"] += int(scores.get_column("is_high_risk").sum())
+        for tier in FLAGGED_TIERS:
+            self._counts[f"{tier}_tier_rows"] += scores.filter(pl.col("risk_tier") == tier).height
+        self._counts["newly_flagged_rows"] += int(scores.get_column("newly_flagged").sum())
+        top = _top_risk_rows(scores)
+        # Copied out: a slice of the chunk would keep its sorted high-risk rows in memory.
+        self._top.append(pl.DataFrame(top.rows(), schema=top.schema, orient="row"))
+        return scores
+
+    def metadata(self) -> dict[str, dg.MetadataValue]:
+        tutors = pl.concat(self._tutors).n_unique() if self._tutors else 0
+        top = _top_risk_rows(pl.concat(self._top)) if self._top else pl.DataFrame()
+        counts = ["rows", "high_risk_rows", *(f"{t}_tier_rows" for t in FLAGGED_TIERS)]
+        return {
+            "tutors_scored": dg.MetadataValue.int(tutors),
+            **{name: dg.MetadataValue.int(self._counts[name]) for name in counts},
+            "newly_flagged_rows": dg.MetadataValue.int(self._counts["newly_flagged_rows"]),
+            "top_risks": dg.MetadataValue.md(_top_risks(top)),
+        }
+
+
 def score_metadata(scores: pl.DataFrame) -> dict[str, dg.MetadataValue]:
     """Counts (rows per risk tier too) and a preview of the top risks, for the asset page."""
-    tiers = pl.col("risk_tier")
-    return {
-        "tutors_scored": dg.MetadataValue.int(scores.get_column("tutor_id").n_unique()),
-        "rows": dg.MetadataValue.int(scores.height),
-        "high_risk_rows": dg.MetadataValue.int(int(scores.get_column("is_high_risk").sum())),
-        **{
-            f"{tier}_tier_rows": dg.MetadataValue.int(scores.filter(tiers == tier).height)
-            for tier in FLAGGED_TIERS
-        },
-        "newly_flagged_rows": dg.MetadataValue.int(int(scores.get_column("newly_flagged").sum())),
-        "top_risks": dg.MetadataValue.md(_top_risks(scores)),
-    }
+    tally = ScoreTally()
+    tally.add(scores)
+    return tally.metadata()
 
 
 @dg.asset(
@@ -117,47 +150,36 @@ def tutor_scores_daily(
     happened to be materialized."""
     window = context.partition_time_window
     first_day, last_day = window.start.date(), (window.end - timedelta(days=1)).date()
-    with warehouse.connect() as con:
+    tally = ScoreTally()
+    start, end = partition_as_of(first_day), partition_as_of(last_day + timedelta(days=1))
+    with warehouse.connect() as con, con.cursor() as writer:
         # Tiers and their evidence for every day; drivers and actions are the current
         # snapshot's (tutor_scores_current): over years of history they would cost more than
         # the scores themselves.
-        scores = [
-            chunk.scores
-            for chunk in assess_days_by_chunk(
-                con,
-                first_day,
-                last_day,
-                risk_rule.rule(),
-                risk_rule.assess_params(),
-                with_drivers=False,
-            )
-        ]
-        metadata = score_metadata(pl.concat(scores, rechunk=False))
-        # Partition D holds the snapshot as of D + 1 day (all of its own rows, nothing else),
-        # stored a chunk at a time, each let go once DuckDB holds it: at 5.5M rows, years of
-        # scores are not in memory twice (~0.3 GB off the rebuild's peak).
-        replace_rows(
+        chunks = assess_days_by_chunk(
             con,
-            "tutor_scores_daily",
-            _drained(scores),
-            "as_of",
-            partition_as_of(first_day),
-            partition_as_of(last_day + timedelta(days=1)),
+            first_day,
+            last_day,
+            risk_rule.rule(),
+            risk_rule.assess_params(),
+            with_drivers=False,
+        )
+        # Partition D holds the snapshot as of D + 1 day (all of its own rows, nothing else).
+        # Each chunk of days is stored, in one transaction on a thread and connection of its
+        # own, while the next is assessed: years of rows are never all in memory (~0.5 GB off
+        # the rebuild's peak, benchmarks/README.md).
+        one_behind(
+            lambda parts: replace_rows(writer, "tutor_scores_daily", parts, "as_of", start, end),
+            (tally.add(chunk.scores) for chunk in chunks),
+            "store",
         )
     return dg.MaterializeResult(
         metadata={
             "first_as_of": dg.MetadataValue.text(partition_as_of(first_day).isoformat()),
             "last_as_of": dg.MetadataValue.text(partition_as_of(last_day).isoformat()),
-            **metadata,
+            **tally.metadata(),
         }
     )
-
-
-def _drained(frames: list[pl.DataFrame]) -> Iterator[pl.DataFrame]:
-    """The frames in order, each dropped from ``frames`` as it is handed out."""
-    frames.reverse()
-    while frames:
-        yield frames.pop()
 
 
 class SnapshotConfig(dg.Config):
