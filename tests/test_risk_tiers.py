@@ -8,9 +8,11 @@ import random
 from datetime import UTC, date, datetime, timedelta
 
 import duckdb
+import numpy as np
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
+from scipy.special import betainc
 from scipy.stats import beta as beta_dist
 
 from tutor_scoring_dagster.risk_tiers import (
@@ -252,6 +254,20 @@ def test_posterior_tells_two_of_three_from_two_hundred_of_three_hundred() -> Non
         0.15,
     )
     assert one == pytest.approx(1 - 0.15**2)
+
+
+def test_posterior_is_computed_once_per_distinct_input_with_the_same_bits_in_row_order() -> None:
+    """Rows repeat (a day's tutors share its prior and a few counts): each distinct input is
+    computed once and handed back to every row it came from, in order, bit for bit."""
+    rng = np.random.default_rng(5)
+    day = rng.integers(0, 40, 20_000)
+    alpha, beta = rng.uniform(0.5, 3, 40)[day], rng.uniform(5, 20, 40)[day]
+    n = rng.poisson(30, day.size).astype(np.float64)
+    k = rng.binomial(n.astype(np.int64), 0.1).astype(np.float64)
+    got = posterior_exceedance(alpha, beta, k, n, 0.15)
+    expected = betainc(beta + n - k, alpha + k, 1.0 - 0.15)
+    assert got.dtype == np.float64 and got.shape == expected.shape
+    assert np.array_equal(got, expected)
 
 
 def counts(pairs: list[tuple[int, int]]) -> pl.DataFrame:

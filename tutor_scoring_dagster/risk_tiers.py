@@ -550,8 +550,25 @@ def posterior_exceedance(
     alpha: np.ndarray, beta: np.ndarray, k: np.ndarray, n: np.ndarray, threshold: float
 ) -> np.ndarray:
     """P(rate > threshold) under the posterior Beta(alpha + k, beta + n - k), elementwise."""
+    # Once per distinct (alpha, beta, k, n), the same values bit for bit: a day's tutors share
+    # its prior and mostly a few counts, so over years of days betainc sees ~1 row in 12
+    # (2.4 s -> 0.9 s for 5.5M rows, benchmarks/README.md).
+    keys = pl.DataFrame({"alpha": alpha, "beta": beta, "k": k, "n": n})
+    distinct = keys.unique()
+    a, b = distinct.get_column("alpha").to_numpy(), distinct.get_column("beta").to_numpy()
+    dk, dn = distinct.get_column("k").to_numpy(), distinct.get_column("n").to_numpy()
     # 1 - I_t(a, b) = I_{1-t}(b, a): the upper tail without cancellation near 1.
-    return np.asarray(betainc(beta + n - k, alpha + k, 1.0 - threshold), dtype=np.float64)
+    tail = np.asarray(betainc(b + dn - dk, a + dk, 1.0 - threshold), dtype=np.float64)
+    return (
+        keys.join(
+            distinct.with_columns(pl.Series("tail", tail)),
+            on=keys.columns,
+            how="left",
+            maintain_order="left",
+        )
+        .get_column("tail")
+        .to_numpy()
+    )
 
 
 def compute_risk_tiers(
