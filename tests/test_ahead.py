@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 import weakref
 from collections.abc import Iterator
+from contextlib import closing
 
 import pytest
 
@@ -130,3 +132,68 @@ def test_one_behind_a_failing_consumer_stops_the_making() -> None:
     with pytest.raises(RuntimeError, match="storing broke"):
         one_behind(consume, items())
     assert len(made) < 10
+
+
+def test_closing_one_ahead_early_waits_for_the_item_being_made_and_closes_the_items() -> None:
+    """Whatever the items use (a DuckDB cursor refuses to close while busy) is free once
+    ``close()`` returns, even if the caller stopped before the end."""
+    events: list[str] = []
+
+    def items() -> Iterator[int]:
+        try:
+            yield 1
+            time.sleep(0.3)
+            events.append("second made")
+            yield 2
+        finally:
+            events.append("items closed")
+
+    with closing(one_ahead(items())) as ahead:
+        assert next(ahead) == 1
+    assert events == ["second made", "items closed"]
+
+
+def test_one_behind_refuses_what_is_not_iterable_without_hanging() -> None:
+    with pytest.raises(TypeError):
+        one_behind(list, 5)  # type: ignore[arg-type]
+
+
+def test_one_behind_an_interrupt_while_making_rolls_the_consumer_back_too() -> None:
+    seen: list[str] = []
+
+    def items() -> Iterator[int]:
+        yield 1
+        raise KeyboardInterrupt
+
+    def consume(parts: Iterator[int]) -> None:
+        try:
+            for _ in parts:
+                seen.append("part")
+        except ItemsFailed:
+            seen.append("rolled back")
+            raise
+
+    with pytest.raises(KeyboardInterrupt):
+        one_behind(consume, items())
+    assert seen == ["part", "rolled back"]
+
+
+def test_one_behind_keeps_no_item_once_the_consumer_is_done_with_it() -> None:
+    alive: list[weakref.ref[Item]] = []
+    dead_when_next_made: list[bool] = []
+
+    def items() -> Iterator[Item]:
+        for n in range(4):
+            gc.collect()
+            dead_when_next_made.append(all(ref() is None for ref in alive[:-1]))
+            yield Item(n)
+
+    def consume(parts: Iterator[Item]) -> int:
+        count = 0
+        for part in parts:
+            alive.append(weakref.ref(part))
+            count += 1
+        return count
+
+    assert one_behind(consume, items()) == 4
+    assert all(dead_when_next_made)

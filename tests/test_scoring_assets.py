@@ -188,6 +188,12 @@ def test_a_range_run_stores_its_chunks_in_one_transaction(
         DAILY, resources=stricter, tags=range_tags(first, last), raise_on_error=False
     )
     assert not failed.success and len(chunks) == 4
+    # The step fails with the chunk's own error, not one from closing a connection still busy
+    # on another thread.
+    failure = next(e for e in failed.all_events if e.event_type_value == "STEP_FAILURE")
+    error = failure.step_failure_data.error
+    assert error is not None and error.cause is not None
+    assert "RuntimeError: chunk broke" in error.cause.message, error.cause.message
     assert table(wh, "tutor_scores_daily").equals(stored)
 
 

@@ -2,44 +2,74 @@
 another thread while the caller uses this one (:func:`one_ahead`: the next days' scores
 computed while these days' risk tiers are, a COPY's next chunk encoded while this one is
 sent), or this item used on another thread while the caller makes the next
-(:func:`one_behind`: the daily scores stored while the next days are assessed)."""
+(:func:`one_behind`: the daily scores stored while the next days are assessed).
+
+Neither keeps an item once it has been handed on: at 10M sessions an item is a chunk of
+~0.4 GB, and the point of working a chunk at a time is that few are alive at once.
+"""
 
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import suppress
-from typing import TypeVar, cast
+from typing import Generic, TypeVar, cast
 
 T = TypeVar("T")
+R = TypeVar("R")
+
+_POLL_S = 0.05
 
 
-def one_ahead(items: Iterable[T], name: str = "ahead") -> Iterator[T]:
+class _Ahead(Generic[T]):
+    """The iterator :func:`one_ahead` returns."""
+
+    def __init__(self, items: Iterable[T], name: str) -> None:
+        self._source = iter(items)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._ahead: Future[T | None] | None = self._worker.submit(next, self._source, None)
+
+    def __iter__(self) -> _Ahead[T]:
+        return self
+
+    def __next__(self) -> T:
+        if self._ahead is None:
+            raise StopIteration
+        try:
+            item = self._ahead.result()
+        except BaseException:
+            self.close()
+            raise
+        if item is None:
+            self.close()
+            raise StopIteration
+        self._ahead = self._worker.submit(next, self._source, None)
+        return item
+
+    def close(self) -> None:
+        """Wait for the item being made, then let the thread and the items go (also when the
+        caller stops early: whatever the items use, a connection say, is free after this)."""
+        self._ahead = None
+        self._worker.shutdown(wait=True)
+        close = getattr(self._source, "close", None)
+        if close is not None:
+            close()
+
+
+def one_ahead(items: Iterable[T], name: str = "ahead") -> _Ahead[T]:
     """``items`` in order (none of them None: it marks the end), each made on a thread of its
     own (named ``name``) while the caller uses the one before, and no more than one ahead, to
     bound memory. The first is started at once, before the caller asks for it. An error making
-    an item is raised when that item is asked for."""
-    source = iter(items)
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-
-    def handed_out(ahead: Future[T | None]) -> Iterator[T]:
-        with worker:
-            while (made := [ahead.result()])[0] is not None:
-                ahead = worker.submit(next, source, None)
-                # Popped, not named: while the caller uses it, this generator holds no
-                # reference to it, so it is freed as soon as the caller lets it go.
-                yield cast("T", made.pop())
-
-    # The first future is handed over, not closed over: a closure would keep its item.
-    return handed_out(worker.submit(next, source, None))
-
-
-R = TypeVar("R")
+    an item is raised when that item is asked for. Call ``close()`` (or use
+    ``contextlib.closing``) when stopping before the end."""
+    return _Ahead(items, name)
 
 
 class ItemsFailed(RuntimeError):
-    """Raised inside :func:`one_behind`'s consumer when making the next item failed."""
+    """Raised inside :func:`one_behind`'s consumer when the items stopped coming: making the
+    next one failed or the caller was interrupted."""
 
 
 class _Failed:
@@ -52,17 +82,28 @@ def one_behind(consume: Callable[[Iterator[T]], R], items: Iterable[T], name: st
     thread makes them: the caller makes the next item while ``consume`` uses this one, with at
     most one made item waiting, to bound memory. Returns what ``consume`` returns.
 
-    An error making an item is raised inside ``consume``'s iterator (as :class:`ItemsFailed`,
-    so it can undo what it did) and then here; an error in ``consume`` stops the making and is
-    raised here."""
+    Whenever the items stop before their end (an error making one, an interrupt), ``consume``'s
+    iterator raises :class:`ItemsFailed`, so that it can undo what it did, and the error is
+    raised here; an error in ``consume`` stops the making and is raised here."""
+    source = iter(items)
     handoff: queue.Queue[object] = queue.Queue(maxsize=1)
+    stopped = threading.Event()
     end = object()
 
+    def take() -> object:
+        while True:
+            try:
+                return handoff.get(timeout=_POLL_S)
+            except queue.Empty:
+                if stopped.is_set():  # the caller left without handing the end over
+                    raise ItemsFailed("the items stopped before their end") from None
+
     def handed() -> Iterator[T]:
-        while (item := handoff.get()) is not end:
+        while (item := take()) is not end:
             if isinstance(item, _Failed):
                 raise ItemsFailed("making the next item failed") from item.error
             yield cast("T", item)
+            del item
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix=name) as worker:
         consumed = worker.submit(consume, handed())
@@ -70,22 +111,27 @@ def one_behind(consume: Callable[[Iterator[T]], R], items: Iterable[T], name: st
         def hand(item: object) -> None:
             while not consumed.done():  # a consumer that failed takes nothing more
                 with suppress(queue.Full):
-                    handoff.put(item, timeout=0.05)
+                    handoff.put(item, timeout=_POLL_S)
                     return
 
-        source = iter(items)
         try:
             for item in source:
                 hand(item)
+                del item
                 if consumed.done():
                     break
         except BaseException as exc:
             hand(_Failed(exc))
             wait([consumed])
+            failed = consumed.exception()
+            if failed is not None and not isinstance(failed, ItemsFailed):
+                exc.add_note(f"{name}: the consumer had failed too: {failed!r}")
             raise
+        else:
+            hand(end)
         finally:
+            stopped.set()
             close = getattr(source, "close", None)
             if close is not None:
                 close()
-        hand(end)
-        return consumed.result()
+    return consumed.result()

@@ -11,7 +11,8 @@ its :class:`~tutor_scoring_dagster.schemas.TutorRiskTiers` columns (``score_row_
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from itertools import repeat
@@ -181,7 +182,7 @@ def assess_days_by_chunk(
     *,
     offset: timedelta = timedelta(0),
     with_drivers: bool = True,
-) -> Iterator[Assessment]:
+) -> Generator[Assessment]:
     """:func:`assess_days` a chunk of days (CHUNK_DAYS) at a time, in day order: the
     caller may store or drop each chunk before asking for the next."""
     chunks: list[tuple[date, date]] = []
@@ -200,14 +201,21 @@ def assess_days_by_chunk(
     )
     # A chunk's scores (DuckDB, Polars, Pandera) are computed on a connection of their own
     # while its tiers (mostly one core of numpy) are: ~5 s less over three years. The tiers
-    # are asked for first, so that no more than one chunk of scores waits beside them.
-    with con.cursor() as reader:
-        scores_ahead = one_ahead(
-            (score_snapshots(reader, day, end, rule, offset=offset) for day, end in chunks),
-            "scores",
-        )
-        for (day, end), chunk_tiers, scores in zip(chunks, tiers, scores_ahead, strict=False):
-            yield assess(
+    # are asked for first, so that no more than one chunk of scores waits beside them; the
+    # scores' thread is done before its connection closes, however the loop ends.
+    with (
+        con.cursor() as reader,
+        closing(
+            one_ahead(
+                (score_snapshots(reader, day, end, rule, offset=offset) for day, end in chunks),
+                "scores",
+            )
+        ) as scores_ahead,
+    ):
+        for day, end in chunks:
+            chunk_tiers = next(tiers)
+            scores = next(scores_ahead)
+            assessed = assess(
                 con,
                 scores,
                 day,
@@ -217,7 +225,9 @@ def assess_days_by_chunk(
                 with_drivers=with_drivers,
                 tiers=chunk_tiers,
             )
-            del scores
+            del scores, chunk_tiers  # not kept while the caller stores this chunk
+            yield assessed
+            del assessed
 
 
 def assess_as_of(

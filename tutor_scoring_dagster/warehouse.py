@@ -313,13 +313,15 @@ def replace_tables(
             for part in [rows] if isinstance(rows, pl.DataFrame) else rows:
                 if column is not None and column not in part.columns:
                     raise ValueError(f"unknown column {column!r}")
-                # DuckDB finds the frame by its variable name (a replacement scan): a frame
-                # registered instead stays in memory until the connection closes, each part of
-                # a long backfill on top of the last.
-                incoming_rows = part
-                con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming_rows")  # noqa: S608
-                del incoming_rows
+                # DuckDB finds the frame by its variable name (a replacement scan; no table of
+                # the warehouse has that name): a frame registered instead stays in memory
+                # until the connection closes, each part of a long backfill on top of the last.
+                replace_tables_incoming_part = part
+                con.execute(
+                    f"INSERT INTO {table} BY NAME SELECT * FROM replace_tables_incoming_part"  # noqa: S608
+                )
                 inserted += part.height
+                del replace_tables_incoming_part, part  # not kept while the next part is made
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")

@@ -1,6 +1,8 @@
 """Scores: daily activity, rolling 7/30/90-day rates, daily partitions, hourly snapshot."""
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -152,25 +154,39 @@ def tutor_scores_daily(
     first_day, last_day = window.start.date(), (window.end - timedelta(days=1)).date()
     tally = ScoreTally()
     start, end = partition_as_of(first_day), partition_as_of(last_day + timedelta(days=1))
-    with warehouse.connect() as con, con.cursor() as writer:
+    with (
+        warehouse.connect() as con,
+        con.cursor() as writer,
+        # Closed before the connection, however storing ends: the assessment's threads are done.
+        closing(
+            assess_days_by_chunk(
+                con,
+                first_day,
+                last_day,
+                risk_rule.rule(),
+                risk_rule.assess_params(),
+                with_drivers=False,
+            )
+        ) as chunks,
+    ):
         # Tiers and their evidence for every day; drivers and actions are the current
         # snapshot's (tutor_scores_current): over years of history they would cost more than
         # the scores themselves.
-        chunks = assess_days_by_chunk(
-            con,
-            first_day,
-            last_day,
-            risk_rule.rule(),
-            risk_rule.assess_params(),
-            with_drivers=False,
-        )
+
+        def tallied() -> Iterator[pl.DataFrame]:
+            for chunk in chunks:
+                scores = tally.add(chunk.scores)
+                del chunk
+                yield scores
+                del scores  # stored by now: not kept while the next chunk is assessed
+
         # Partition D holds the snapshot as of D + 1 day (all of its own rows, nothing else).
-        # Each chunk of days is stored, in one transaction on a thread and connection of its
-        # own, while the next is assessed: years of rows are never all in memory (~0.5 GB off
+        # Each chunk of days is stored (in one transaction, on a thread and a connection of its
+        # own) while the next is assessed: years of rows are never all in memory (~0.5 GB off
         # the rebuild's peak, benchmarks/README.md).
         one_behind(
             lambda parts: replace_rows(writer, "tutor_scores_daily", parts, "as_of", start, end),
-            (tally.add(chunk.scores) for chunk in chunks),
+            tallied(),
             "store",
         )
     return dg.MaterializeResult(
