@@ -23,6 +23,13 @@ R = TypeVar("R")
 _POLL_S = 0.05
 
 
+def _close(items: Iterator[object]) -> None:
+    """Close ``items`` if they can be (a generator's ``finally`` and ``with`` blocks run)."""
+    close = getattr(items, "close", None)
+    if close is not None:
+        close()
+
+
 class _Ahead(Generic[T]):
     """The iterator :func:`one_ahead` returns."""
 
@@ -53,9 +60,7 @@ class _Ahead(Generic[T]):
         caller stops early: whatever the items use, a connection say, is free after this)."""
         self._ahead = None
         self._worker.shutdown(wait=True)
-        close = getattr(self._source, "close", None)
-        if close is not None:
-            close()
+        _close(self._source)
 
 
 def one_ahead(items: Iterable[T], name: str = "ahead") -> _Ahead[T]:
@@ -131,7 +136,5 @@ def one_behind(consume: Callable[[Iterator[T]], R], items: Iterable[T], name: st
             hand(end)
         finally:
             stopped.set()
-            close = getattr(source, "close", None)
-            if close is not None:
-                close()
+            _close(source)
     return consumed.result()

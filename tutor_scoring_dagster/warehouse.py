@@ -279,11 +279,10 @@ def replace_rows(
     column: str | None = None,
     start: object = None,
     end: object = None,
-) -> int:
+) -> None:
     """Replace a score or driver table's rows (all, or those with ``start <= column < end``)
-    in one transaction, with ``rows`` (a frame, or parts of one as they come); returns the
-    rows inserted."""
-    return replace_tables(con, {table: rows}, column, start, end)
+    in one transaction, with ``rows`` (a frame, or parts of one as they come)."""
+    replace_tables(con, {table: rows}, column, start, end)
 
 
 def replace_tables(
@@ -292,13 +291,12 @@ def replace_tables(
     column: str | None = None,
     start: object = None,
     end: object = None,
-) -> int:
+) -> None:
     """:func:`replace_rows` for several tables at once, in one transaction (a snapshot and
     its drivers change together or not at all)."""
     for table in frames:
         if table not in SCORE_TABLES + DRIVER_TABLES:
             raise ValueError(f"not a score or driver table: {table!r}")
-    inserted = 0
     con.execute("BEGIN TRANSACTION")
     try:
         for table, rows in frames.items():
@@ -320,10 +318,8 @@ def replace_tables(
                 con.execute(
                     f"INSERT INTO {table} BY NAME SELECT * FROM replace_tables_incoming_part"  # noqa: S608
                 )
-                inserted += part.height
                 del replace_tables_incoming_part, part  # not kept while the next part is made
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
         raise
-    return inserted

@@ -792,7 +792,7 @@ def _text_field(series: pl.Series) -> pa.Array:
 def _csv_chunks(parts: Iterable[pl.DataFrame]) -> Iterator[bytes]:
     """``parts`` as CSV, a chunk at a time; Polars renders the next chunk (without the GIL)
     while the caller sends this one, and no further ahead, to bound memory."""
-    return one_ahead(map(_csv, _slices(parts, COPY_CHUNK_ROWS)), "copy")
+    yield from one_ahead(map(_csv, _slices(parts, COPY_CHUNK_ROWS)), "copy")
 
 
 def _slices(parts: Iterable[pl.DataFrame], rows: int) -> Iterator[pl.DataFrame]:
