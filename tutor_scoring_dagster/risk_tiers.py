@@ -488,6 +488,16 @@ def _session_order(events: pl.DataFrame, key: np.ndarray) -> np.ndarray | None:
     return order
 
 
+def exact_sums(frame: pl.DataFrame, by: str, column: str) -> pl.DataFrame:
+    """Per value of ``by``: the sum of the floats ``column``, correctly rounded, so the same
+    bits whatever the order of the rows or how the frame lies in memory. (Polars' sum is not:
+    its SIMD blocks follow the frame's chunks and alignment, so sorted terms are not enough;
+    at 10M sessions that flipped one day's rounded prior between two runs.)"""
+    groups = frame.group_by(by).agg(pl.col(column))
+    totals = [math.fsum(terms) for terms in groups.get_column(column).to_list()]
+    return groups.with_columns(pl.Series(column, totals, dtype=pl.Float64))
+
+
 def fit_prior(evidence: pl.DataFrame, params: TierParams) -> pl.DataFrame:
     """Per ``as_of``: the Beta prior (``prior_alpha``, ``prior_beta``) of true reschedule rates,
     fitted by the method of moments to the tutors with sessions at that instant.
@@ -509,23 +519,30 @@ def fit_prior(evidence: pl.DataFrame, params: TierParams) -> pl.DataFrame:
     )
     strength = 1 / rho - 1
     instants = evidence.select(pl.col("as_of").unique())
+    positive = evidence.filter(pl.col("sessions") > 0)
     fitted = (
-        evidence.lazy()
-        .filter(pl.col("sessions") > 0)
+        positive.lazy()
         .group_by("as_of")
         .agg(
             pl.len().alias("tutors"),
             pl.col("sessions").sum().cast(pl.Float64).alias("sum_n"),
             pl.col("reschedules").sum().cast(pl.Float64).alias("sum_k"),
-            # Summed in sorted order: a parallel group-by adds floats in whatever order its
-            # threads finish, and a recomputed snapshot must give the same bits.
-            (pl.col("reschedules").cast(pl.Float64) ** 2 / pl.col("sessions"))
-            .sort()
-            .sum()
-            .alias("sum_k2_over_n"),
         )
-        # Rounded: float sums in any order give the same prior, so a recomputed snapshot
-        # gives the same rows.
+        .join(
+            exact_sums(
+                positive.select(
+                    "as_of",
+                    (pl.col("reschedules").cast(pl.Float64) ** 2 / pl.col("sessions")).alias(
+                        "sum_k2_over_n"
+                    ),
+                ),
+                "as_of",
+                "sum_k2_over_n",
+            ).lazy(),
+            on="as_of",
+        )
+        # Rounded, so that a prior does not carry more digits than it has meaning; the sums
+        # are exact, so a recomputed snapshot gives the same rows.
         .select(
             "as_of",
             (mu_c * strength).round(9).alias("prior_alpha"),
