@@ -89,7 +89,19 @@ def install() -> None:
     from tutor_scoring_dagster.paths import load_sql
     from tutor_scoring_dagster.store import publish
 
-    if POINT == "ingest-insert":
+    if POINT.startswith("batch-"):
+        # A backfill's or a rebuild's pass (ingested in batches of files, one transaction each)
+        # on these few drops, in batches of as many files as the test says.
+        ingest.BATCH_MIN_FILES = 1
+        ingest.BATCH_MAX_FILES = int(os.environ["RELIABILITY_BATCH_FILES"])
+    if POINT == "batch-insert":
+        # Inside a batch's load transaction: its files' rows inserted, their rejects and
+        # loaded_files entries not yet.
+        on_connection(ingest, "load_drops", r"^INSERT INTO rejected_rows")
+    elif POINT == "batch-archive":
+        # A batch committed; its files not all moved out of the landing folder yet.
+        before(ingest, "move_file")
+    elif POINT == "ingest-insert":
         # Inside a file's load transaction: its rows inserted, its rejects and its
         # loaded_files entry not yet.
         on_connection(ingest, "load_drop", r"^INSERT INTO rejected_rows")

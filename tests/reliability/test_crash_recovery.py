@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from tutor_scoring_dagster import ingest
 from tutor_scoring_dagster.config import Settings
 from tutor_scoring_dagster.defs.jobs import run_pipeline
 
@@ -35,6 +36,8 @@ from ._support import (
 )
 
 DRIVER = HERE / "crash_driver.py"
+BATCH_FILES = 4
+"""Files per batch of the passes at the driver's ``batch-*`` points (and of their recovery)."""
 
 
 def _new_db(pg_admin: sa.Engine, name: str) -> str:
@@ -85,6 +88,8 @@ POINTS = [
     pytest.param("ingest-archive", 5, id="ingest-after-commit-before-archive"),
     pytest.param("ingest-rejected-csv", 1, id="ingest-after-commit-before-rejected-csv"),
     pytest.param("ingest-after-last-file", 0, id="ingest-after-the-last-file-of-a-pass"),
+    pytest.param("batch-insert", 3, id="ingest-batch-mid-transaction"),
+    pytest.param("batch-archive", 6, id="ingest-batch-after-commit-before-archive"),
     pytest.param("score-activity", 1, id="scoring-daily-activity-mid-transaction"),
     pytest.param("score-current", 1, id="scoring-current-snapshot-mid-transaction"),
     pytest.param("publish-copy", 2, id="publish-mid-copy"),
@@ -112,6 +117,7 @@ def test_sigkill_then_rerun_equals_a_run_that_never_crashed(
         DATABASE_URL=pg_url,
         RELIABILITY_AS_OF=T.isoformat(),
         RELIABILITY_HISTORY_DAYS=str(HISTORY_DAYS),
+        RELIABILITY_BATCH_FILES=str(BATCH_FILES),
     )
     crashed = subprocess.run(
         [sys.executable, str(DRIVER), point, str(nth)],
@@ -123,6 +129,10 @@ def test_sigkill_then_rerun_equals_a_run_that_never_crashed(
         check=False,
     )
     assert crashed.returncode == -signal.SIGKILL, crashed.stdout + crashed.stderr[-3000:]
+    if point.startswith("batch-"):
+        # The next pass is batched too (the baseline's, one file at a time, must agree).
+        monkeypatch.setattr(ingest, "BATCH_MIN_FILES", 1)
+        monkeypatch.setattr(ingest, "BATCH_MAX_FILES", BATCH_FILES)
 
     recovered = run_pipeline(as_of=T, history_days=HISTORY_DAYS)
     assert recovered.success, recovered.render()
