@@ -12,6 +12,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import polars as pl
 import pytest
 from drops import one_file_per_entity
@@ -20,10 +21,11 @@ from tutor_scoring_dagster import warehouse
 from tutor_scoring_dagster.generate import generate_drops
 from tutor_scoring_dagster.ingest import ingest_landing
 from tutor_scoring_dagster.scoring import (
+    ReferenceCounts,
     RiskRule,
+    as_utc,
     audit_scores,
     partition_as_of,
-    reference_counts,
     score_as_of,
     score_days,
     wilson_lower_bound_scalar,
@@ -191,6 +193,12 @@ def test_daily_path_matches_reference(generated: Path) -> None:
     assert scores.height == n_expected
     assert scores.get_column("is_high_risk").any()
     assert scores.get_column("newly_high_risk").any()
+
+
+def reference_counts(con: duckdb.DuckDBPyConnection, instants: list[datetime]) -> pl.DataFrame:
+    """The checks' reference counts as of ``instants``, as the daily checks take them."""
+    utc = sorted({as_utc(t) for t in instants})
+    return ReferenceCounts(con, utc).counts(utc)
 
 
 def test_reference_counts_match_plain_python(generated: Path) -> None:

@@ -511,15 +511,6 @@ class ReferenceCounts:
         )
 
 
-def reference_counts(con: duckdb.DuckDBPyConnection, instants: list[datetime]) -> pl.DataFrame:
-    """Per tutor and as-of instant: the windowed counts of a score row, counted independently
-    of the scoring path (:class:`ReferenceCounts`), sorted by as-of and tutor."""
-    utc = sorted({as_utc(t) for t in instants})
-    if not utc:
-        raise ValueError("no instant to count as of")
-    return ReferenceCounts(con, utc).counts(utc)
-
-
 def audit_scores(
     con: duckdb.DuckDBPyConnection, scores: pl.DataFrame, instants: list[datetime]
 ) -> list[Finding]:
