@@ -1,5 +1,6 @@
 """The score assets as Dagster runs them: a backfill range run against one run per partition,
-the asset checks on tampered snapshots (and blocking what follows), and the late-data sensor."""
+the asset checks on tampered snapshots (and blocking what follows), the late-data sensor, and
+the daily history's publish to the store."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,13 +19,19 @@ import dagster as dg
 import duckdb
 import polars as pl
 import pytest
+import sqlalchemy as sa
 from drops import one_file_per_entity
 
 from tutor_scoring_dagster import assessment, scoring, warehouse
 from tutor_scoring_dagster.assessment import Assessment, reach_days
 from tutor_scoring_dagster.config import Settings
 from tutor_scoring_dagster.defs.partitions import daily_partitions
-from tutor_scoring_dagster.defs.resources import RiskRuleResource, WarehouseResource
+from tutor_scoring_dagster.defs.publish.assets import tutor_score_history
+from tutor_scoring_dagster.defs.resources import (
+    RiskRuleResource,
+    ServingStoreResource,
+    WarehouseResource,
+)
 from tutor_scoring_dagster.defs.scores import assets as score_assets
 from tutor_scoring_dagster.defs.scores.assets import (
     score_metadata,
@@ -46,6 +55,7 @@ from tutor_scoring_dagster.scoring import (
     audit_scores,
     partition_as_of,
 )
+from tutor_scoring_dagster.store.migrate import STORE_LOCK_ID, ensure_current
 from tutor_scoring_dagster.warehouse import query_frame
 
 AS_OF = datetime(2024, 5, 20, 13, 0, tzinfo=UTC)
@@ -532,3 +542,64 @@ def test_the_daily_checks_read_a_long_range_a_chunk_at_a_time_with_the_same_find
     for chunked, at_once in zip(parts, whole, strict=True):
         assert chunked.failures.equals(at_once.failures), chunked.name
     assert not next(f for f in parts if f.name == "counts_reconcile_with_sessions").passed
+
+
+def with_store(path: Path, url: str) -> dict[str, Any]:
+    return {**resources(path), "serving_store": ServingStoreResource(database_url=url)}
+
+
+def stored_history(url: str) -> list[tuple[Any, ...]]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            query = "SELECT * FROM tutor_score_history ORDER BY tutor_id, score_date"
+            return [tuple(row) for row in conn.exec_driver_sql(query)]
+    finally:
+        engine.dispose()
+
+
+def writable_by_another_process(path: Path) -> bool:
+    """Whether another process (a landing run, say) could open the warehouse to write now."""
+    opened = subprocess.run(
+        [sys.executable, "-c", "import duckdb, sys; duckdb.connect(sys.argv[1]).close()", path],
+        capture_output=True,
+        check=False,
+    )
+    return opened.returncode == 0
+
+
+def test_the_history_frees_the_warehouse_before_the_store_has_taken_it(
+    wh: Path, pg_url: str
+) -> None:
+    """The history's range waits in Parquet parts beside the warehouse, which is closed before
+    the store takes them: another process (a landing run) can write the warehouse while the
+    store is still busy, here waiting for another publish to finish."""
+    first, last = date(2024, 5, 10), date(2024, 5, 14)
+    assert dg.materialize(DAILY, resources=resources(wh), tags=range_tags(first, last)).success
+    store = sa.create_engine(pg_url)
+    ensure_current(store)  # so that the publish waits for the lock below, not its migration
+    runs: list[dg.ExecuteInProcessResult] = []
+
+    def publish() -> None:
+        runs.append(
+            dg.materialize(
+                [tutor_score_history],
+                resources=with_store(wh, pg_url),
+                tags=range_tags(first, last),
+                raise_on_error=False,
+            )
+        )
+
+    step = threading.Thread(target=publish)
+    with store.connect() as other_publish, other_publish.begin():
+        other_publish.execute(sa.select(sa.func.pg_advisory_xact_lock(STORE_LOCK_ID)))
+        step.start()
+        deadline = time.monotonic() + 60
+        while not writable_by_another_process(wh):
+            assert time.monotonic() < deadline, "the warehouse stayed open"
+        assert step.is_alive() and stored_history(pg_url) == []  # the store is still waiting
+    step.join(60)
+    store.dispose()
+    assert runs and runs[0].success
+    tutors = table(wh, "tutor_scores_daily").get_column("tutor_id").n_unique()
+    assert len(stored_history(pg_url)) == 5 * tutors
