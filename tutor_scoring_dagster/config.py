@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import inspect
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,11 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "Unloadable files, each with a .reason.txt sidecar.",
     ),
     Setting("TUTOR_SCORING_WAREHOUSE", "{home}/warehouse.duckdb", "The DuckDB warehouse file."),
+    Setting(
+        "TUTOR_SCORING_WAREHOUSE_MEMORY",
+        "1GB",
+        "DuckDB's memory for the warehouse (cache and work); more spills to disk beside it.",
+    ),
     Setting(
         "DATABASE_URL",
         "sqlite:///{home}/scores.sqlite",
@@ -157,6 +163,7 @@ class Settings:
     archive_dir: Path
     quarantine_dir: Path
     warehouse: Path
+    warehouse_memory: str
     database_url: str
     start_date: str
     serving_horizon_days: int
@@ -197,6 +204,17 @@ def _tuned(cls: type, prefix: str, raw: Mapping[str, str | None]) -> Any:
 
 
 TRUE_WORDS: Final = frozenset({"1", "true", "t", "yes", "on"})
+MEMORY_SIZE: Final = re.compile(r"\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)", re.IGNORECASE)
+
+
+def memory_size(text: str, name: str = "TUTOR_SCORING_WAREHOUSE_MEMORY") -> str:
+    """``text`` stripped, if it is a size DuckDB takes as a memory limit (``1GB``, ``512MB``)."""
+    size = text.strip()
+    if not MEMORY_SIZE.fullmatch(size):
+        raise ValueError(f"{name} must be a size such as 1GB or 512MB, got {text!r}")
+    return size
+
+
 """A setting's text that means yes (lower case, trimmed)."""
 
 
@@ -234,6 +252,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise ValueError(f"RISK_THRESHOLD must be a fraction in [0, 1], got {threshold}")
     if min_sessions < 1:
         raise ValueError(f"MIN_SESSIONS must be at least 1, got {min_sessions}")
+    warehouse_memory = memory_size(text("TUTOR_SCORING_WAREHOUSE_MEMORY"))
     rules = Path(text("RISK_ACTIONS_FILE"))
     assess = AssessParams(
         tiers=_tuned(TierParams, "RISK_TIER_", raw),
@@ -247,6 +266,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         archive_dir=path("TUTOR_SCORING_ARCHIVE_DIR"),
         quarantine_dir=path("TUTOR_SCORING_QUARANTINE_DIR"),
         warehouse=path("TUTOR_SCORING_WAREHOUSE"),
+        warehouse_memory=warehouse_memory,
         database_url=text("DATABASE_URL"),
         start_date=text("TUTOR_SCORING_START_DATE"),
         serving_horizon_days=horizon,

@@ -69,12 +69,18 @@ def _is_lock_error(exc: duckdb.Error) -> bool:
 
 @contextmanager
 def connect(
-    path: Path, *, read_only: bool = False, wait_s: float = LOCK_WAIT_S
+    path: Path,
+    *,
+    read_only: bool = False,
+    wait_s: float = LOCK_WAIT_S,
+    memory_limit: str | None = None,
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """Open the warehouse, waiting (with backoff) while another process holds its lock.
 
     DuckDB allows a single writing process; Dagster's ``warehouse`` pool keeps our own writers
     in line, and this wait covers everything else (a CLI query, a run outside the pool).
+    ``memory_limit`` (e.g. ``1GB``, Settings.warehouse_memory) caps DuckDB's cache and working
+    memory; by default DuckDB takes up to 80% of the machine's.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait_s
@@ -97,6 +103,9 @@ def connect(
         con.execute("SET TimeZone = 'UTC'")
         # A bar drawn on stderr by every long statement would flood run logs.
         con.execute("SET enable_progress_bar = false")
+        if memory_limit is not None:
+            # Checked by config.memory_size; SET takes no bound parameter.
+            con.execute(f"SET memory_limit = '{memory_limit}'")
         yield con
     finally:
         con.close()

@@ -12,7 +12,7 @@ from pydantic import Field
 from sqlalchemy.engine import Engine
 
 from tutor_scoring_dagster import warehouse
-from tutor_scoring_dagster.config import Settings, load_settings
+from tutor_scoring_dagster.config import Settings, load_settings, memory_size
 from tutor_scoring_dagster.delivery import EmailSender, sender_from_settings
 from tutor_scoring_dagster.params import AssessParams
 from tutor_scoring_dagster.scoring import RiskRule
@@ -46,6 +46,9 @@ class WarehouseResource(dg.ConfigurableResource):
     """The DuckDB warehouse file."""
 
     path: str | None = Field(default=None, description="Env TUTOR_SCORING_WAREHOUSE.")
+    memory_limit: str | None = Field(
+        default=None, description="Env TUTOR_SCORING_WAREHOUSE_MEMORY (e.g. 1GB)."
+    )
 
     def file(self) -> Path:
         return Path(self.path) if self.path else _settings().warehouse
@@ -53,7 +56,12 @@ class WarehouseResource(dg.ConfigurableResource):
     @contextmanager
     def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection with the schema in place (waits while another writer holds the file)."""
-        with warehouse.connect(self.file()) as con:
+        memory = (
+            memory_size(self.memory_limit, "the warehouse resource's memory_limit")
+            if self.memory_limit
+            else _settings().warehouse_memory
+        )
+        with warehouse.connect(self.file(), memory_limit=memory) as con:
             if not read_only:
                 warehouse.ensure_schema(con)
             yield con
