@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,36 @@ def test_a_range_run_stores_its_chunks_in_one_transaction(
     error = failure.step_failure_data.error
     assert error is not None and error.cause is not None
     assert "RuntimeError: chunk broke" in error.cause.message, error.cause.message
+    assert table(wh, "tutor_scores_daily").equals(stored)
+
+
+def test_a_range_run_whose_risk_tiers_fail_stores_nothing_and_says_why(
+    wh: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiers are judged a chunk ahead on a thread of their own: a chunk whose tiers fail
+    while the one before is being assessed and stored fails the step with the tiers' own
+    error (not one from closing a cursor still busy), and the range's rows stay as they were."""
+    first, last = date(2024, 5, 10), date(2024, 5, 14)
+    tags = range_tags(first, last)
+    assert dg.materialize(DAILY, resources=resources(wh), tags=tags).success
+    stored = table(wh, "tutor_scores_daily")
+    monkeypatch.setattr(assessment, "CHUNK_DAYS", 2)
+    real = assessment.risk_tiers_by_chunk
+
+    def failing(*args: Any, **kwargs: Any) -> Iterator[pl.DataFrame]:
+        for i, tiers in enumerate(real(*args, **kwargs)):
+            if i == 1:
+                raise RuntimeError("tiers broke")
+            yield tiers
+
+    monkeypatch.setattr(assessment, "risk_tiers_by_chunk", failing)
+    stricter = {**resources(wh), "risk_rule": RiskRuleResource(threshold=0.05)}  # other rows
+    failed = dg.materialize(DAILY, resources=stricter, tags=tags, raise_on_error=False)
+    assert not failed.success
+    failure = next(e for e in failed.all_events if e.event_type_value == "STEP_FAILURE")
+    error = failure.step_failure_data.error
+    assert error is not None and error.cause is not None
+    assert "RuntimeError: tiers broke" in error.cause.message, error.cause.message
     assert table(wh, "tutor_scores_daily").equals(stored)
 
 

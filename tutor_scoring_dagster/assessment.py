@@ -12,7 +12,7 @@ its :class:`~tutor_scoring_dagster.schemas.TutorRiskTiers` columns (``score_row_
 from __future__ import annotations
 
 from collections.abc import Generator, Iterator, Mapping
-from contextlib import closing
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from itertools import repeat
@@ -197,28 +197,39 @@ def assess_days_by_chunk(
     while day <= last_day:
         chunks.append((day, min(last_day, day + timedelta(days=CHUNK_DAYS - 1))))
         day = chunks[-1][1] + timedelta(days=1)
-    # Tiers alone read the sessions once for every chunk (with drivers, each chunk reads its
-    # wider events for both).
-    tiers: Iterator[pl.DataFrame | None] = (
-        repeat(None)
-        if with_drivers
-        else risk_tiers_by_chunk(
-            con, chunks, params.tiers, offset=offset, since_lookback_days=WATCH_SINCE_REACH_DAYS
-        )
-    )
-    # A chunk's scores (DuckDB, Polars, Pandera) are computed on a connection of their own
-    # while its tiers (mostly one core of numpy) are: ~5 s less over three years. The tiers
-    # are asked for first, so that no more than one chunk of scores waits beside them; the
-    # scores' thread is done before its connection closes, however the loop ends.
-    with (
-        con.cursor() as reader,
-        closing(
-            one_ahead(
-                (score_snapshots(reader, day, end, rule, offset=offset) for day, end in chunks),
-                "scores",
+    # A chunk's scores (DuckDB, Polars, Pandera) and, without drivers, its risk tiers (mostly
+    # numpy; the sessions read once for every chunk) are each made one chunk ahead on a thread
+    # and a cursor of their own, while this thread joins and checks the chunk before. The
+    # tiers were the critical path: ~2 s less over three years, for ~0.3 GB more at the peak
+    # (benchmarks/README.md). Each thread is done before its cursor closes, however the loop
+    # ends.
+    with ExitStack() as held:
+        reader = held.enter_context(con.cursor())
+        scores_ahead = held.enter_context(
+            closing(
+                one_ahead(
+                    (score_snapshots(reader, day, end, rule, offset=offset) for day, end in chunks),
+                    "scores",
+                )
             )
-        ) as scores_ahead,
-    ):
+        )
+        tiers: Iterator[pl.DataFrame | None] = repeat(None)
+        if not with_drivers:  # with drivers, each chunk reads its wider events for both
+            tiers_reader = held.enter_context(con.cursor())
+            tiers = held.enter_context(
+                closing(
+                    one_ahead(
+                        risk_tiers_by_chunk(
+                            tiers_reader,
+                            chunks,
+                            params.tiers,
+                            offset=offset,
+                            since_lookback_days=WATCH_SINCE_REACH_DAYS,
+                        ),
+                        "tiers",
+                    )
+                )
+            )
         for day, end in chunks:
             chunk_tiers = next(tiers)
             scores = next(scores_ahead)
