@@ -14,6 +14,7 @@ from typing import Final
 import duckdb
 import polars as pl
 
+from tutor_scoring_dagster.config import memory_size
 from tutor_scoring_dagster.paths import load_sql
 from tutor_scoring_dagster.schemas import (
     DROP_MODELS,
@@ -104,8 +105,10 @@ def connect(
         # A bar drawn on stderr by every long statement would flood run logs.
         con.execute("SET enable_progress_bar = false")
         if memory_limit is not None:
-            # Checked by config.memory_size; SET takes no bound parameter.
-            con.execute(f"SET memory_limit = '{memory_limit}'")
+            size = memory_size(memory_limit, "memory_limit")
+            # SQL audit (noqa: S608): SET takes no bound parameter; the value is a size
+            # checked by memory_size (digits and a unit), never other text.
+            con.execute(f"SET memory_limit = '{size}'")  # noqa: S608, RUF100
         yield con
     finally:
         con.close()
