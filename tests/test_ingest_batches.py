@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -355,3 +356,35 @@ def test_a_pass_killed_in_a_batch_then_rerun_equals_a_pass_never_killed(
     assert _renumbered(finished["folders"]) == _renumbered(expected["folders"])
     for table, frame in expected["tables"].items():
         assert _ranked(frame).equals(_ranked(finished["tables"][table])), table
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one-by-one", "batched"])
+def test_the_next_files_are_prepared_on_another_thread_one_step_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batched: bool
+) -> None:
+    """Reading and validating (Polars, Pandera) run on a thread of their own while the files
+    before are loaded (DuckDB), and never more than one file (or batch) ahead: what waits
+    to be loaded is in memory."""
+    names = build_landing(tmp_path / "landing")
+    prepared: list[tuple[str, str]] = []  # (file, thread) in the order they were prepared
+    loaded: list[tuple[str, int]] = []  # (file, files prepared by then)
+    real_read, real_ingest = ingest._read_file, ingest.ingest_file
+
+    def reading(path: Path) -> Any:
+        prepared.append((path.name, threading.current_thread().name))
+        return real_read(path)
+
+    def loading(con: Any, path: Path, **kwargs: Any) -> Any:
+        loaded.append((path.name, len(prepared)))
+        return real_ingest(con, path, **kwargs)
+
+    monkeypatch.setattr(ingest, "_read_file", reading)
+    monkeypatch.setattr(ingest, "ingest_file", loading)
+    report = run_pass(tmp_path, monkeypatch, batched=batched, max_files=4)
+    assert [f.file_name for f in report.files] == names
+    assert [name for name, _ in prepared] == names
+    assert {thread for _, thread in prepared} == {"prepare_0"}
+    ahead = 4 if batched else 1  # the next batch's files at most (they stop at 400 rows)
+    for i, (name, seen) in enumerate(loaded):
+        assert name == names[i]
+        assert i + 1 <= seen <= i + 1 + ahead + (ahead - 1) * batched, (name, seen)

@@ -28,7 +28,7 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +38,7 @@ import duckdb
 import pandera.polars as pa
 import polars as pl
 
+from tutor_scoring_dagster.ahead import one_ahead
 from tutor_scoring_dagster.paths import load_sql
 from tutor_scoring_dagster.schemas import DROP_MODELS, drop_columns, required_columns
 from tutor_scoring_dagster.warehouse import (
@@ -55,8 +56,6 @@ REJECTED_SUFFIX: Final = ".rejected.csv"
 REASON_SUFFIX: Final = ".reason.txt"
 DEFER_CHECKPOINTS_FILES: Final = 10
 PASS_CHECKPOINT_THRESHOLD: Final = "1GB"
-PREPARE_AHEAD: Final = 1
-"""Files read and validated ahead of the one loading (each held in memory until loaded)."""
 BATCH_MIN_FILES: Final = 100
 """A pass of at least this many files (a backfill, a rebuild) is ingested in batches; a
 smaller one (the sensor's one-file runs, an hourly sweep) one file at a time."""
@@ -1484,30 +1483,16 @@ def _ingest_one_by_one(
     con: duckdb.DuckDBPyConnection, todo: Sequence[Path], *, archive_dir: Path, quarantine_dir: Path
 ) -> list[FileResult]:
     """Ingest files in order, each loaded in a transaction of its own."""
-    # The next file is read and validated (Polars, Pandera) while this one loads (DuckDB):
-    # the two overlap on two cores. Files still load one at a time, in order.
-    results = []
-    with ThreadPoolExecutor(max_workers=1) as preparer:
-        ahead: list[Future[PreparedFile] | None] = [
-            preparer.submit(prepare_file, p) for p in todo[:PREPARE_AHEAD]
-        ]
-        for i, path in enumerate(todo):
-            future = ahead[i]
-            assert future is not None
-            prepared = future.result()
-            ahead[i] = None  # loaded files are not kept in memory
-            if i + PREPARE_AHEAD < len(todo):
-                ahead.append(preparer.submit(prepare_file, todo[i + PREPARE_AHEAD]))
-            results.append(
-                ingest_file(
-                    con,
-                    path,
-                    archive_dir=archive_dir,
-                    quarantine_dir=quarantine_dir,
-                    prepared=prepared,
-                )
+    # The next file is read and validated (Polars, Pandera) on another thread while this one
+    # loads (DuckDB): the two overlap on two cores. Files still load one at a time, in order,
+    # and a loaded file is not kept in memory.
+    with closing(one_ahead(map(prepare_file, todo), "prepare")) as prepared_files:
+        return [
+            ingest_file(
+                con, path, archive_dir=archive_dir, quarantine_dir=quarantine_dir, prepared=prepared
             )
-    return results
+            for path, prepared in zip(todo, prepared_files, strict=True)
+        ]
 
 
 def _ingest_batches(
@@ -1515,24 +1500,22 @@ def _ingest_batches(
 ) -> list[FileResult]:
     """Ingest files in order, in batches of consecutive files (`BATCH_MAX_FILES`,
     `BATCH_MAX_ROWS`), each batch's loadable files loaded in one transaction."""
+
+    def prepared_batches() -> Iterator[list[PreparedFile]]:
+        start = 0
+        while start < len(todo):
+            batch = prepare_files(todo[start : start + BATCH_MAX_FILES], max_rows=BATCH_MAX_ROWS)
+            start += len(batch)  # at least one file
+            yield batch
+
     # The next batch is read and validated while this one loads, as one by one.
     results: list[FileResult] = []
-    with ThreadPoolExecutor(max_workers=1) as preparer:
-        start = 0
-        ahead: Future[list[PreparedFile]] | None = preparer.submit(
-            prepare_files, todo[:BATCH_MAX_FILES], max_rows=BATCH_MAX_ROWS
-        )
-        while ahead is not None:
-            batch = ahead.result()
-            start += len(batch)
-            ahead = None
-            if start < len(todo):
-                ahead = preparer.submit(
-                    prepare_files, todo[start : start + BATCH_MAX_FILES], max_rows=BATCH_MAX_ROWS
-                )
+    with closing(one_ahead(prepared_batches(), "prepare")) as batches:
+        for batch in batches:
             results.extend(
                 _ingest_batch(con, batch, archive_dir=archive_dir, quarantine_dir=quarantine_dir)
             )
+            del batch  # not kept while the next one loads
     return results
 
 
