@@ -1,8 +1,9 @@
 """Overlap of two stages over a sequence of items, one item apart: the next item made on
-another thread while the caller uses this one (:func:`one_ahead`: the next days' scores
-computed while these days' risk tiers are, a COPY's next chunk encoded while this one is
-sent), or this item used on another thread while the caller makes the next
-(:func:`one_behind`: the daily scores stored while the next days are assessed).
+another thread while the caller uses this one (:func:`one_ahead`: the next days' scores and
+risk tiers computed while these days are assessed, a COPY's next chunk encoded while this one
+is sent, the next landing file or batch read and validated while this one loads), or this
+item used on another thread while the caller makes the next (:func:`one_behind`: the daily
+scores stored while the next days are assessed).
 
 Neither keeps an item once it has been handed on: at 10M sessions an item is a chunk of
 ~0.4 GB, and the point of working a chunk at a time is that few are alive at once.
