@@ -447,10 +447,11 @@ def cmd_backtest(args: argparse.Namespace) -> int:
 
     if args.labels is not None and not args.labels.is_file():
         raise ValueError(f"no labels file at {args.labels}")
-    path = load_settings().warehouse
+    settings = load_settings()
+    path = settings.warehouse
     if not path.exists():
         raise LookupError(f"no warehouse at {path}: run the pipeline first")
-    with warehouse.connect(path, read_only=True) as con:
+    with warehouse.connect(path, read_only=True, memory_limit=settings.warehouse_memory) as con:
         results = run_backtest(con, args.start, args.end, every_days=args.every, labels=args.labels)
     print(results.to_json() if args.json else results.to_markdown())
     return 0

@@ -82,7 +82,7 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting(
         "TUTOR_SCORING_WAREHOUSE_MEMORY",
         "1GB",
-        "DuckDB's memory for the warehouse (cache and work); more spills to disk beside it.",
+        "DuckDB's memory (cache and work, 128MB or more); more spills to disk beside it.",
     ),
     Setting(
         "DATABASE_URL",
@@ -204,18 +204,25 @@ def _tuned(cls: type, prefix: str, raw: Mapping[str, str | None]) -> Any:
 
 
 TRUE_WORDS: Final = frozenset({"1", "true", "t", "yes", "on"})
-MEMORY_SIZE: Final = re.compile(r"\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)", re.IGNORECASE)
+"""A setting's text that means yes (lower case, trimmed)."""
+MEMORY_SIZE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT])(i?)B?", re.IGNORECASE)
+"""A memory size as DuckDB writes one: a number and a unit (1GB, 512MB, 1.5G, 2GiB)."""
+MIN_WAREHOUSE_MEMORY: Final = 128 * 1000**2
+"""Below this DuckDB cannot open the warehouse's bigger queries (50MB failed a 9M-row sort)."""
 
 
 def memory_size(text: str, name: str = "TUTOR_SCORING_WAREHOUSE_MEMORY") -> str:
-    """``text`` stripped, if it is a size DuckDB takes as a memory limit (``1GB``, ``512MB``)."""
+    """``text`` stripped, if it is a memory size DuckDB takes (``1GB``, ``512MB``, ``2GiB``)
+    of at least :data:`MIN_WAREHOUSE_MEMORY`; else a ValueError naming ``name``."""
     size = text.strip()
-    if not MEMORY_SIZE.fullmatch(size):
+    match = MEMORY_SIZE.fullmatch(size)
+    if match is None:
         raise ValueError(f"{name} must be a size such as 1GB or 512MB, got {text!r}")
+    number, unit, binary = match.groups()
+    scale = (1024 if binary else 1000) ** ("KMGT".index(unit.upper()) + 1)
+    if float(number) * scale < MIN_WAREHOUSE_MEMORY:
+        raise ValueError(f"{name} must be at least 128MB (DuckDB's bigger queries), got {text!r}")
     return size
-
-
-"""A setting's text that means yes (lower case, trimmed)."""
 
 
 def is_truthy(value: str) -> bool:

@@ -61,7 +61,9 @@ def check_warehouse(settings: Settings) -> Check:
     if not path.exists():
         return Check("warehouse", False, f"{path} does not exist yet: run the pipeline once")
     try:
-        with warehouse.connect(path, read_only=True, wait_s=5) as con:
+        with warehouse.connect(
+            path, read_only=True, wait_s=5, memory_limit=settings.warehouse_memory
+        ) as con:
             row = warehouse.fetch_one(con, "SELECT count(*), max(loaded_at) FROM loaded_files")
             sessions = warehouse.fetch_one(con, "SELECT count(*) FROM sessions")
     except (duckdb.Error, warehouse.WarehouseLockedError) as exc:

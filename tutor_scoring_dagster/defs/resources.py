@@ -53,15 +53,16 @@ class WarehouseResource(dg.ConfigurableResource):
     def file(self) -> Path:
         return Path(self.path) if self.path else _settings().warehouse
 
+    def memory(self) -> str:
+        """DuckDB's memory limit for the warehouse (checked: a size of 128MB or more)."""
+        if self.memory_limit:
+            return memory_size(self.memory_limit, "the warehouse resource's memory_limit")
+        return _settings().warehouse_memory
+
     @contextmanager
     def connect(self, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         """A connection with the schema in place (waits while another writer holds the file)."""
-        memory = (
-            memory_size(self.memory_limit, "the warehouse resource's memory_limit")
-            if self.memory_limit
-            else _settings().warehouse_memory
-        )
-        with warehouse.connect(self.file(), memory_limit=memory) as con:
+        with warehouse.connect(self.file(), memory_limit=self.memory()) as con:
             if not read_only:
                 warehouse.ensure_schema(con)
             yield con

@@ -39,7 +39,7 @@ def late_data_sensor(
         return dg.SkipReason(f"no warehouse at {path} yet")
     try:
         # Read-only and without waiting: a writer holding the file just delays us one tick.
-        with connect(path, read_only=True, wait_s=0) as con:
+        with connect(path, read_only=True, wait_s=0, memory_limit=warehouse.memory()) as con:
             loads = read_new_loads(con, after)
     except (WarehouseLockedError, duckdb.ConnectionException) as exc:
         return dg.SkipReason(f"warehouse busy, trying again next tick: {exc}")
