@@ -317,15 +317,24 @@ def test_exact_sums_have_the_same_bits_whatever_the_order_or_memory_layout() -> 
     assert dict(both.sort("day").iter_rows()) == {1: math.fsum([0.1, 0.2]), 2: 5.0}
 
 
-def test_a_prior_does_not_depend_on_the_order_of_its_tutors() -> None:
+def test_a_prior_does_not_depend_on_the_order_or_layout_of_its_tutors() -> None:
+    """Overdispersed tutors (their rates drawn from a Beta), so that the spread, and so the sum
+    of k^2/n, sets the prior: the same prior for the rows in any order and memory layout."""
     rng = np.random.default_rng(2)
     n = rng.integers(1, 90, 5000)
-    pairs = list(zip(rng.binomial(n, 0.1).tolist(), n.tolist(), strict=True))
+    pairs = list(zip(rng.binomial(n, rng.beta(2, 18, 5000)).tolist(), n.tolist(), strict=True))
     evidence = counts(pairs)
-    shuffled = evidence.sample(fraction=1.0, shuffle=True, seed=3)
-    chunked = pl.concat([evidence[:1234], evidence[1234:]], rechunk=False)
-    priors = [fit_prior(e, P) for e in (evidence, shuffled, chunked)]
-    assert priors[0].equals(priors[1]) and priors[0].equals(priors[2])
+    other_day = counts(pairs[:7]).with_columns(pl.lit(T - timedelta(days=1)).alias("as_of"))
+    layouts = [
+        evidence.sample(fraction=1.0, shuffle=True, seed=3),
+        pl.concat([evidence[:1234], evidence[1234:]], rechunk=False),
+        pl.concat([other_day, evidence]).filter(pl.col("as_of") == T),  # shifted in memory
+    ]
+    prior = fit_prior(evidence, P)
+    rho = 1 / (prior["prior_alpha"][0] + prior["prior_beta"][0] + 1)
+    assert P.min_prior_rho < rho < P.max_prior_rho  # the spread sets it, not a bound
+    for layout in layouts:
+        assert fit_prior(layout, P).equals(prior)
 
 
 def test_tier_precedence() -> None:

@@ -200,11 +200,12 @@ def assess_days_by_chunk(
     # A chunk's scores (DuckDB, Polars, Pandera) and, without drivers, its risk tiers (mostly
     # numpy; the sessions read once for every chunk) are each made one chunk ahead on a thread
     # and a cursor of their own, while this thread joins and checks the chunk before. The
-    # tiers were the critical path: ~2 s less over three years, for ~0.3 GB more at the peak
-    # (benchmarks/README.md). Each thread is done before its cursor closes, however the loop
-    # ends.
+    # tiers were the critical path: ~2 s less over three years, for ~0.4 GB more at the peak
+    # (benchmarks/README.md). Both cursors exist before either thread starts; each thread is
+    # done before its cursor closes, however the loop ends.
     with ExitStack() as held:
         reader = held.enter_context(con.cursor())
+        tiers_reader = None if with_drivers else held.enter_context(con.cursor())
         scores_ahead = held.enter_context(
             closing(
                 one_ahead(
@@ -214,8 +215,7 @@ def assess_days_by_chunk(
             )
         )
         tiers: Iterator[pl.DataFrame | None] = repeat(None)
-        if not with_drivers:  # with drivers, each chunk reads its wider events for both
-            tiers_reader = held.enter_context(con.cursor())
+        if tiers_reader is not None:  # with drivers, each chunk reads its wider events for both
             tiers = held.enter_context(
                 closing(
                     one_ahead(
