@@ -83,6 +83,7 @@ def connect(
     ``memory_limit`` (e.g. ``1GB``, Settings.warehouse_memory) caps DuckDB's cache and working
     memory; by default DuckDB takes up to 80% of the machine's.
     """
+    size = None if memory_limit is None else memory_size(memory_limit, "memory_limit")
     path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait_s
     delay = 0.05
@@ -104,8 +105,7 @@ def connect(
         con.execute("SET TimeZone = 'UTC'")
         # A bar drawn on stderr by every long statement would flood run logs.
         con.execute("SET enable_progress_bar = false")
-        if memory_limit is not None:
-            size = memory_size(memory_limit, "memory_limit")
+        if size is not None:
             # SQL audit (noqa: S608): SET takes no bound parameter; the value is a size
             # checked by memory_size (digits and a unit), never other text.
             con.execute(f"SET memory_limit = '{size}'")  # noqa: S608, RUF100
