@@ -11,7 +11,7 @@ from contextlib import closing
 
 import pytest
 
-from tutor_scoring_dagster.ahead import ItemsFailed, one_ahead, one_behind
+from tutor_scoring_dagster.ahead import ItemsFailed, next_of_both, one_ahead, one_behind
 
 
 def test_items_come_in_order_made_on_another_thread_one_ahead_at_most() -> None:
@@ -53,6 +53,37 @@ def test_an_error_making_an_item_is_raised_when_that_item_is_asked_for() -> None
     assert next(ahead) == 1
     with pytest.raises(RuntimeError, match="item 2 broke"):
         next(ahead)
+
+
+def failing_at(n: int, message: str) -> Iterator[int]:
+    yield from range(n)
+    raise RuntimeError(message)
+
+
+def test_next_of_both_when_both_fail_raises_the_first_error_and_notes_the_other() -> None:
+    """Two stages made side by side for the same item (the daily scores and their risk
+    tiers): neither error hides the other."""
+    with (
+        closing(one_ahead(failing_at(1, "scores broke"))) as scores,
+        closing(one_ahead(failing_at(1, "tiers broke"))) as tiers,
+    ):
+        assert next_of_both(scores, tiers) == (0, 0)
+        with pytest.raises(RuntimeError, match="scores broke") as raised:
+            next_of_both(scores, tiers)
+    assert raised.value.__notes__ == [
+        "making the other item failed too: RuntimeError('tiers broke')"
+    ]
+
+
+@pytest.mark.parametrize("broken", ["first", "second"])
+def test_next_of_both_when_one_fails_raises_its_own_error(broken: str) -> None:
+    fine = one_ahead(iter(range(5)))
+    failing = one_ahead(failing_at(0, f"{broken} broke"))
+    pair = (failing, fine) if broken == "first" else (fine, failing)
+    with closing(fine), closing(failing), pytest.raises(RuntimeError) as raised:
+        next_of_both(*pair)
+    assert str(raised.value) == f"{broken} broke"
+    assert not getattr(raised.value, "__notes__", None)
 
 
 class Item:

@@ -213,30 +213,44 @@ def test_a_range_run_stores_its_chunks_in_one_transaction(
     assert table(wh, "tutor_scores_daily").equals(stored)
 
 
+@pytest.mark.parametrize("scores_fail_too", [False, True])
 def test_a_range_run_whose_risk_tiers_fail_stores_nothing_and_says_why(
-    wh: Path, monkeypatch: pytest.MonkeyPatch
+    wh: Path, monkeypatch: pytest.MonkeyPatch, scores_fail_too: bool
 ) -> None:
     """The tiers are judged a chunk ahead on a thread of their own: a chunk whose tiers fail
     while the one before is being assessed and stored fails the step with the tiers' own
-    error (not one from closing a cursor still busy), and the range's rows stay as they were."""
+    error (not one from closing a cursor still busy), and the range's rows stay as they were.
+    When the same chunk's scores fail too, the step's error names both."""
     first, last = date(2024, 5, 10), date(2024, 5, 14)
     tags = range_tags(first, last)
     assert dg.materialize(DAILY, resources=resources(wh), tags=tags).success
     stored = table(wh, "tutor_scores_daily")
     monkeypatch.setattr(assessment, "CHUNK_DAYS", 2)
-    real = assessment.risk_tiers_by_chunk
+    real_tiers, real_scores = assessment.risk_tiers_by_chunk, assessment.score_snapshots
 
     def failing(*args: Any, **kwargs: Any) -> Iterator[pl.DataFrame]:
-        for i, tiers in enumerate(real(*args, **kwargs)):
+        for i, tiers in enumerate(real_tiers(*args, **kwargs)):
             if i == 1:
                 raise RuntimeError("tiers broke")
             yield tiers
 
+    def failing_scores(con: Any, day: date, *args: Any, **kwargs: Any) -> pl.DataFrame:
+        if day > first:
+            raise RuntimeError("scores broke")
+        return real_scores(con, day, *args, **kwargs)
+
     monkeypatch.setattr(assessment, "risk_tiers_by_chunk", failing)
+    if scores_fail_too:
+        monkeypatch.setattr(assessment, "score_snapshots", failing_scores)
     stricter = {**resources(wh), "risk_rule": RiskRuleResource(threshold=0.05)}  # other rows
     failed = dg.materialize(DAILY, resources=stricter, tags=tags, raise_on_error=False)
     assert not failed.success
-    assert "RuntimeError: tiers broke" in step_error(failed)
+    error = step_error(failed)
+    if scores_fail_too:
+        assert error.startswith("RuntimeError: scores broke"), error
+        assert "making the other item failed too: RuntimeError('tiers broke')" in error
+    else:
+        assert "RuntimeError: tiers broke" in error
     assert table(wh, "tutor_scores_daily").equals(stored)
 
 

@@ -73,6 +73,23 @@ def one_ahead(items: Iterable[T], name: str = "ahead") -> _Ahead[T]:
     return _Ahead(items, name)
 
 
+def next_of_both(first: Iterator[T], second: Iterator[R]) -> tuple[T, R]:
+    """The next item of each of two iterators made side by side (two :func:`one_ahead`). If
+    making both failed, the first's error is raised with the second's noted on it, so that
+    neither is lost; if one failed, its own error."""
+    try:
+        item = next(first)
+    except Exception as exc:
+        # Asking the second only to hear whether it failed too: on this path only, it may
+        # start making the item after, which closing it waits for.
+        try:
+            next(second)
+        except Exception as other:
+            exc.add_note(f"making the other item failed too: {other!r}")
+        raise
+    return item, next(second)
+
+
 class ItemsFailed(RuntimeError):
     """Raised inside :func:`one_behind`'s consumer when the items stopped coming: making the
     next one failed or the caller was interrupted."""

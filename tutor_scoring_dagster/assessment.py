@@ -22,7 +22,7 @@ import duckdb
 import pandera.polars as pa
 import polars as pl
 
-from tutor_scoring_dagster.ahead import one_ahead
+from tutor_scoring_dagster.ahead import next_of_both, one_ahead
 from tutor_scoring_dagster.drivers import (
     ACTION_SCHEMA,
     compute_drivers,
@@ -202,7 +202,8 @@ def assess_days_by_chunk(
     # and a cursor of their own, while this thread joins and checks the chunk before. The
     # tiers were the critical path: ~2 s less over three years, for ~0.4 GB more at the peak
     # (benchmarks/README.md). Both cursors exist before either thread starts; each thread is
-    # done before its cursor closes, however the loop ends.
+    # done before its cursor closes, however the loop ends; if a chunk's scores and its
+    # tiers both fail, the error raised names both.
     with ExitStack() as held:
         reader = held.enter_context(con.cursor())
         tiers_reader = None if with_drivers else held.enter_context(con.cursor())
@@ -231,8 +232,7 @@ def assess_days_by_chunk(
                 )
             )
         for day, end in chunks:
-            chunk_tiers = next(tiers)
-            scores = next(scores_ahead)
+            scores, chunk_tiers = next_of_both(scores_ahead, tiers)
             assessed = assess(
                 con,
                 scores,
