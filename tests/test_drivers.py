@@ -205,8 +205,26 @@ def test_actions_newly_flagged_first_with_top_drivers() -> None:
         "60% rescheduled in the last 7 days (previous 83 days: 0%); "
         "'double_booked' given for 100% of reschedules (population 67%)"
     )
+    # C only matches the catch-all, with a rate below the population's: the action is the
+    # catch-all's, but the why is what stands out (no rule asks for no-shows at 1.4x).
     assert c["action_rule_id"] == "any"
-    assert c["top_drivers"] == "0% of sessions rescheduled in 30 days (population 13%)"
+    assert c["top_drivers"] == "10% of sessions were no-shows (population 7%)"
+
+
+def test_the_why_never_gives_a_driver_at_or_below_its_reference() -> None:
+    """A driver no higher than the population (or the tutor's past) does not explain a flag:
+    a tutor with nothing that stands out has no why, though a catch-all rule still gives an
+    action."""
+    tier_rows = tiers([("C", "high", T - timedelta(days=5), False, 0.99)])
+    drivers = compute_drivers(build_events(), tier_rows)
+    assert drivers.filter(pl.col("lift") <= 1).height > 0
+    for kept in (drivers, drivers.filter(pl.col("lift") <= 1)):
+        row = recommend_actions(tier_rows, kept, RULES).row(0, named=True)
+        assert row["action_rule_id"] == "any"
+        why = row["top_drivers"]
+        below = kept.filter(pl.col("lift") <= 1).get_column("description").to_list()
+        assert why is None or not any(d in why for d in below), why
+    assert row["top_drivers"] is None
 
 
 def test_a_tutor_no_rule_matches_has_no_action() -> None:

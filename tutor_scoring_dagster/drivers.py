@@ -329,10 +329,14 @@ def recommend_actions(
     the posterior probability.
 
     ``tiers`` are tier rows (risk_tiers.TIER_SCHEMA), ``drivers`` their :func:`compute_drivers`
-    rows, ``rules`` the :func:`load_action_rules` table. ``top_drivers`` lists the drivers that
-    matched a rule, most urgent first; a tutor no rule matches has a null action.
+    rows, ``rules`` the :func:`load_action_rules` table. The action is the most urgent matching
+    rule's; a tutor no rule matches has a null action. ``top_drivers`` (the "why") lists up to
+    ``top_drivers`` drivers that stand out (lift above 1: above the population, or above the
+    tutor's own past), those matching a rule first, most urgent first, then by lift; a tutor
+    with none has a null ``top_drivers``.
     """
     flagged = tiers.filter(pl.col("risk_tier").is_in(FLAGGED_TIERS))
+    keys = ["tutor_id", "as_of"]
     matched = (
         drivers.join(rules, on="driver", how="inner", suffix="_rule")
         .filter(
@@ -341,30 +345,33 @@ def recommend_actions(
             & (pl.col("tutor_value") >= pl.col("min_tutor_value"))
             & (pl.col("tutor_count") >= pl.col("min_tutor_count"))
         )
-        .sort(
-            "tutor_id",
-            "as_of",
-            "priority",
-            "lift",
-            descending=[False, False, False, True],
-            nulls_last=True,
-        )
+        .sort([*keys, "priority", "lift"], descending=[False, False, False, True], nulls_last=True)
     )
-    keys = ["tutor_id", "as_of"]
     best = matched.group_by(keys, maintain_order=True).agg(
         pl.col("action").first(),
         pl.col("rule_id").first().alias("action_rule_id"),
         pl.col("priority").first().cast(pl.Int64).alias("action_priority"),
-        # A driver matched by several rules is listed once, at its most urgent rule.
-        pl.col("description")
-        .unique(maintain_order=True)
-        .head(top_drivers)
-        .str.join("; ")
-        .alias("top_drivers"),
+    )
+    # A catch-all rule (min_lift 0) gives every flagged tutor an action, but a driver at or
+    # below its reference ("8% rescheduled, population 10%") does not explain a flag.
+    urgency = matched.group_by([*keys, "driver"]).agg(pl.col("priority").min())
+    why = (
+        drivers.filter(pl.col("lift") > 1)
+        .join(urgency, on=[*keys, "driver"], how="left")
+        .sort([*keys, "priority", "lift"], descending=[False, False, False, True], nulls_last=True)
+        .group_by(keys, maintain_order=True)
+        .agg(
+            pl.col("description")
+            .unique(maintain_order=True)
+            .head(top_drivers)
+            .str.join("; ")
+            .alias("top_drivers")
+        )
     )
     tier_rank = pl.col("risk_tier").replace_strict({"high": 0, "watch": 1}, return_dtype=pl.Int8)
     return (
         flagged.join(best, on=keys, how="left")
+        .join(why, on=keys, how="left")
         .sort(
             [
                 pl.col("newly_flagged"),
