@@ -197,11 +197,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(summary.render())
     if summary.success:
         print(
+            "  (the sample's sessions are made up at once, not live: the latency above is the\n"
+            "   age of the newest sample session when the demo ran; drop-to-email is measured\n"
+            "   in benchmarks/README.md)"
+        )
+        print(
             "\nWhere to look:\n"
             f"  warehouse (DuckDB):   {settings.warehouse}\n"
             f"  serving store:        {_redact(settings.database_url)}\n"
             f"  emails (outbox):      {settings.outbox_dir}\n"
             f"  archived drops:       {settings.archive_dir}\n"
+            f"  dashboard:            {settings.site_dir / 'index.html'}\n"
             "  Dagster UI:           ./dev dagster dev -w workspace.yaml"
         )
     return 0 if summary.success else 1
