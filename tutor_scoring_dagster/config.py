@@ -205,6 +205,8 @@ def _tuned(cls: type, prefix: str, raw: Mapping[str, str | None]) -> Any:
 
 TRUE_WORDS: Final = frozenset({"1", "true", "t", "yes", "on"})
 """A setting's text that means yes (lower case, trimmed)."""
+FALSE_WORDS: Final = frozenset({"0", "false", "f", "no", "off"})
+"""A setting's text that means no (lower case, trimmed)."""
 MEMORY_SIZE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT])(i?)B?", re.IGNORECASE)
 """A memory size as DuckDB writes one: a number and a unit (1GB, 512MB, 1.5G, 2GiB)."""
 MIN_WAREHOUSE_MEMORY: Final = 128 * 1000**2
@@ -225,9 +227,24 @@ def memory_size(text: str, name: str = "TUTOR_SCORING_WAREHOUSE_MEMORY") -> str:
     return size
 
 
-def is_truthy(value: str) -> bool:
-    """Whether a setting's text means yes (:data:`TRUE_WORDS`)."""
-    return value.strip().lower() in TRUE_WORDS
+def yes_or_no(text: str, name: str) -> bool:
+    """A yes/no setting's text (:data:`TRUE_WORDS`, :data:`FALSE_WORDS`); anything else is a
+    ValueError naming ``name``: a typo must not quietly mean no."""
+    value = text.strip().lower()
+    if value in TRUE_WORDS:
+        return True
+    if value in FALSE_WORDS:
+        return False
+    raise ValueError(f"{name} must be true or false, got {text!r}")
+
+
+def number(text: str, name: str, kind: type[int] | type[float]) -> int | float:
+    """A numeric setting's text as ``kind``; else a ValueError naming ``name``."""
+    try:
+        return kind(text.strip())
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise ValueError(f"{name} must be {what}, got {text!r}") from None
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -246,15 +263,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     def text(name: str) -> str:
         return (raw[name] or "").format(home=home, landing=landing)
 
-    try:
-        threshold = float(text("RISK_THRESHOLD"))
-        min_sessions = int(text("MIN_SESSIONS"))
-        smtp_port = int(text("SMTP_PORT"))
-        horizon = int(text("SERVING_HORIZON_DAYS"))
-        if horizon < 0:
-            raise ValueError("SERVING_HORIZON_DAYS must be 0 (keep all) or more")
-    except ValueError as exc:
-        raise ValueError(f"bad number in the environment: {exc}") from None
+    def integer(name: str) -> int:
+        return int(number(text(name), name, int))
+
+    threshold = float(number(text("RISK_THRESHOLD"), "RISK_THRESHOLD", float))
+    min_sessions = integer("MIN_SESSIONS")
+    smtp_port = integer("SMTP_PORT")
+    horizon = integer("SERVING_HORIZON_DAYS")
+    if horizon < 0:
+        raise ValueError(f"SERVING_HORIZON_DAYS must be 0 (keep all) or more, got {horizon}")
     if not 0 <= threshold <= 1:
         raise ValueError(f"RISK_THRESHOLD must be a fraction in [0, 1], got {threshold}")
     if min_sessions < 1:
@@ -288,7 +305,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         smtp_port=smtp_port,
         smtp_username=raw["SMTP_USERNAME"],
         smtp_password=raw["SMTP_PASSWORD"],
-        smtp_starttls=is_truthy(text("SMTP_STARTTLS")),
+        smtp_starttls=yes_or_no(text("SMTP_STARTTLS"), "SMTP_STARTTLS"),
         sendgrid_api_key=raw["SENDGRID_API_KEY"],
         sendgrid_host=text("SENDGRID_HOST"),
         assess=assess,

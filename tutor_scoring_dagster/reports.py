@@ -40,7 +40,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from tutor_scoring_dagster.assessment import flagged_since
-from tutor_scoring_dagster.config import TRUE_WORDS, is_truthy, setting_default
+from tutor_scoring_dagster.config import number, setting_default, yes_or_no
 from tutor_scoring_dagster.delivery import (
     DeliveryError,
     EmailSender,
@@ -76,27 +76,22 @@ QUARANTINE_LISTED: Final = 20
 
 
 def _env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    value = env.get(name, "").strip().lower()
-    if not value:
-        return default
-    if value in TRUE_WORDS:
-        return True
-    if value in {"0", "false", "f", "no", "off"}:
-        return False
-    raise ValueError(f"{name} must be true or false, got {value!r}")
+    value = env.get(name, "")
+    return yes_or_no(value, name) if value.strip() else default
 
 
 def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
-    value = env.get(name, "").strip()
-    if not value:
+    value = env.get(name, "")
+    if not value.strip():
         return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
-    if number < minimum:
-        raise ValueError(f"{name} must be at least {minimum}, got {number}")
-    return number
+    whole = int(number(value, name, int))
+    if whole < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {whole}")
+    return whole
+
+
+def _default_bool(name: str) -> bool:
+    return yes_or_no(setting_default(name), name)
 
 
 @dataclass(frozen=True)
@@ -105,11 +100,11 @@ class ReportSettings:
     :meth:`from_env`)."""
 
     # Defaults are config.SETTINGS's, the one table of settings (and of the README's).
-    digest_when_nothing_new: bool = is_truthy(setting_default("DIGEST_WHEN_NOTHING_NEW"))
+    digest_when_nothing_new: bool = _default_bool("DIGEST_WHEN_NOTHING_NEW")
     """DIGEST_WHEN_NOTHING_NEW: send a digest for every new snapshot, even with no news."""
-    tutor_alerts: bool = is_truthy(setting_default("TUTOR_ALERTS"))
+    tutor_alerts: bool = _default_bool("TUTOR_ALERTS")
     """TUTOR_ALERTS: an alert per tutor who newly crosses the risk rule."""
-    per_session_reports: bool = is_truthy(setting_default("PER_SESSION_REPORTS"))
+    per_session_reports: bool = _default_bool("PER_SESSION_REPORTS")
     """PER_SESSION_REPORTS: batched reports of every session processed (the old system's)."""
     session_batch_size: int = int(setting_default("SESSION_REPORT_BATCH_SIZE"))
     """SESSION_REPORT_BATCH_SIZE: sessions per session-report message, about."""
