@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from test_pipeline import T, build_drops
 
 from tutor_scoring_dagster.config import Settings
@@ -141,6 +142,26 @@ def test_store_problems_are_one_line(home: Settings) -> None:
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1
     assert "DATABASE_URL is not a usable SQLAlchemy URL" in done.stderr
+
+
+def test_reading_a_store_that_is_not_there_says_so_and_creates_nothing(
+    home: Settings, tmp_path: Path
+) -> None:
+    """A typo'd home or a first look before any run: the SQLite store is not made empty by a
+    reader (health would then call it a store at an unknown migration)."""
+    store = Path(str(sa.make_url(home.database_url).database))
+    for command in (["tutors"], ["tutor", "T00001"]):
+        done = cli(home, *command)
+        assert done.returncode == 1
+        assert done.stderr.count("\n") == 1
+        assert "does not exist yet: run the pipeline once" in done.stderr, done.stderr
+        assert not store.exists() and not store.parent.exists()
+    # A store file without tables (an older version of this command left such files).
+    empty = tmp_path / "empty.sqlite"
+    sa.create_engine(f"sqlite:///{empty}").connect().close()
+    done = cli(home, "tutors", extra_env={"DATABASE_URL": f"sqlite:///{empty}"})
+    assert done.returncode == 1 and done.stderr.count("\n") == 1
+    assert "has no tables yet" in done.stderr and "server" not in done.stderr, done.stderr
 
 
 def test_backtest_replays_the_warehouse(scored: Settings, tmp_path: Path) -> None:

@@ -261,6 +261,7 @@ def test_cli_run_prints_a_summary_and_fails_loudly(home: Settings, tmp_path: Pat
     assert "tutors scored:     4" in done.stdout
     assert "high-risk tutors:  2" in done.stdout
     assert "emails sent:       1" in done.stdout
+    assert "warning" not in done.stdout
     assert_hand_computed(scores_by_tutor(home.database_url))
 
     # A store that refuses us: non-zero exit, the reason on one line, no retry storm.
@@ -288,3 +289,15 @@ def test_cli_run_prints_a_summary_and_fails_loudly(home: Settings, tmp_path: Pat
         check=False,
     )
     assert usage.returncode == 2 and "not an ISO 8601 timestamp" in usage.stderr
+
+
+def test_a_landing_folder_that_is_not_there_is_said_not_passed_over(home: Settings) -> None:
+    """A typo in TUTOR_SCORING_LANDING_DIR: the run still succeeds (a new deployment may have
+    had no drop yet), but its summary and the run log say nothing could be loaded."""
+    assert not home.landing_dir.exists()
+    summary = run_pipeline(as_of=datetime(2026, 3, 1, 12, tzinfo=UTC), history_days=1)
+    assert summary.success
+    assert (
+        f"warning: the landing folder {home.landing_dir} does not exist, so nothing was loaded"
+        in summary.render()
+    )

@@ -317,10 +317,13 @@ def _store_call(fn: Any) -> Any:
     import sqlalchemy as sa
 
     from tutor_scoring_dagster.config import load_settings
-    from tutor_scoring_dagster.store.errors import explain
+    from tutor_scoring_dagster.store.errors import explain, missing_sqlite_file
     from tutor_scoring_dagster.store.publish import create_store_engine
 
     url = load_settings().database_url
+    missing = missing_sqlite_file(url)
+    if missing is not None:
+        raise StoreUnavailable(missing)
     engine = None
     try:
         engine = create_store_engine(url)

@@ -17,7 +17,7 @@ from tutor_scoring_dagster.delivery import sender_from_settings
 from tutor_scoring_dagster.ingest import list_landing
 from tutor_scoring_dagster.scoring import as_utc
 from tutor_scoring_dagster.store import migrate
-from tutor_scoring_dagster.store.errors import explain, safe_url
+from tutor_scoring_dagster.store.errors import explain, missing_sqlite_file, safe_url
 from tutor_scoring_dagster.store.publish import create_store_engine
 from tutor_scoring_dagster.store.tables import tutor_scores
 
@@ -85,16 +85,9 @@ def _when(instant: object) -> str:
 def check_store(settings: Settings, now: datetime) -> list[Check]:
     """The serving store answers, is migrated to this code's head, and its snapshot is fresh."""
     url = settings.database_url
-    sqlite_file = sa.engine.make_url(url).database if url.startswith("sqlite") else None
-    if sqlite_file and sqlite_file != ":memory:" and not os.path.exists(sqlite_file):
-        return [
-            Check(
-                "serving_store",
-                False,
-                f"{safe_url(url)} does not exist yet: run the "
-                "pipeline once (or `tutor-scoring db upgrade`)",
-            )
-        ]
+    missing = missing_sqlite_file(url)
+    if missing is not None:
+        return [Check("serving_store", False, missing)]
     engine = create_store_engine(url)
     try:
         current = migrate.current_revision(engine)

@@ -6,7 +6,7 @@ from typing import Any
 
 import dagster as dg
 
-from tutor_scoring_dagster.defs.ingest.assets import landing_drops
+from tutor_scoring_dagster.defs.ingest.assets import LANDING_FOLDER_MISSING, landing_drops
 from tutor_scoring_dagster.defs.partitions import daily_partitions
 from tutor_scoring_dagster.defs.publish.assets import tutor_score_history, tutor_scores
 from tutor_scoring_dagster.defs.reports.assets import email_reports
@@ -119,6 +119,12 @@ class RunSummary:
             f"{self.value('email_reports', 'latency_p95_minutes_last_day', 'n/a')} min"
             " (session to delivery, last day)",
         ]
+        missing = self.value("landing_drops", LANDING_FOLDER_MISSING, None)
+        if missing is not None:
+            lines.append(
+                f"  warning: the landing folder {missing} does not exist, so nothing was "
+                "loaded (check TUTOR_SCORING_LANDING_DIR)"
+            )
         lines += [f"  error: {e}" for e in self.errors]
         return "\n".join(lines)
 

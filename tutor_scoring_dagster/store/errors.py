@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 import sqlalchemy as sa
@@ -12,6 +13,7 @@ from sqlalchemy.engine import make_url
 UPGRADE_HINT: Final = "run `tutor-scoring db upgrade`"
 BAD_CREDENTIALS: Final = ("password authentication failed", "no password supplied")
 _UNKNOWN_ROLE: Final = re.compile(r'role ".*" does not exist')
+_NO_TABLE: Final = re.compile(r'no such table|relation ".*" does not exist')
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,23 @@ def safe_url(url: str | sa.URL) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return "<unparseable DATABASE_URL>"
+
+
+def missing_sqlite_file(url: str) -> str | None:
+    """When ``url`` names a SQLite file that is not there: what to do (a reader must not
+    create an empty store, which then reads as one at an unknown migration)."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return None  # explain() words a bad URL when it is used
+    name = parsed.database
+    if parsed.get_backend_name() != "sqlite" or name in (None, "", ":memory:"):
+        return None
+    if Path(str(name)).exists():
+        return None
+    return (
+        f"{safe_url(url)} does not exist yet: run the pipeline once (or `tutor-scoring db upgrade`)"
+    )
 
 
 def explain(exc: BaseException, url: str | sa.URL) -> StoreProblem:
@@ -83,6 +102,12 @@ def explain(exc: BaseException, url: str | sa.URL) -> StoreProblem:
         return StoreProblem(
             f"the SQLite file of {where} stayed locked by another writer; retry once it is done",
             retryable=True,
+        )
+    if _NO_TABLE.search(lowered):
+        return StoreProblem(
+            f"the serving store at {where} has no tables yet ({text[:120]}): run the pipeline "
+            "once (or `tutor-scoring db upgrade`)",
+            retryable=False,
         )
     if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | ConnectionError):
         return StoreProblem(

@@ -67,10 +67,19 @@ def landing_drops(
     nothing loadable, or a symbolic link, moves to quarantine with a `.reason.txt`. A requested
     path outside the landing folder is skipped with a warning.
     """
+    folder = landing.landing()
+    # Not an error (a new deployment may not have had a drop yet), but a typo in the setting
+    # must not pass as "0 files loaded": the run log and the asset page say so.
+    missing = not folder.is_dir()
+    if missing:
+        context.log.warning(
+            f"the landing folder {folder} does not exist: nothing to load "
+            "(check TUTOR_SCORING_LANDING_DIR)"
+        )
     with warehouse.connect() as con:
         report = ingest_landing(
             con,
-            landing.landing(),
+            folder,
             archive_dir=landing.archive(),
             quarantine_dir=landing.quarantine(),
             paths=[Path(p) for p in config.paths] or None,
@@ -78,7 +87,14 @@ def landing_drops(
         )
     for line in ingest_log_lines(report):
         context.log.log(line.level, line.message)
-    return dg.MaterializeResult(metadata=ingest_metadata(report))
+    metadata = ingest_metadata(report)
+    if missing:
+        metadata[LANDING_FOLDER_MISSING] = dg.MetadataValue.path(str(folder))
+    return dg.MaterializeResult(metadata=metadata)
+
+
+LANDING_FOLDER_MISSING: Final = "landing_folder_missing"
+"""Metadata of a pass whose landing folder did not exist: the folder looked for."""
 
 
 FILES_LOGGED_ONE_BY_ONE: Final = 20
