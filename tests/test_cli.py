@@ -180,5 +180,22 @@ def test_backtest_replays_the_warehouse(scored: Settings, tmp_path: Path) -> Non
         str(tmp_path / "nope.csv"),
     )
     assert missing.returncode == 2 and "no labels file" in missing.stderr
+    not_labels = tmp_path / "scores.csv"
+    not_labels.write_text("tutor,rate\nT1,0.1\n")
+    wrong = cli(
+        scored,
+        "backtest",
+        "--from",
+        "2026-02-20",
+        "--to",
+        "2026-02-28",
+        "--labels",
+        str(not_labels),
+    )
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1, wrong.stderr
+    assert f"{not_labels} is not a ground_truth.csv" in wrong.stderr
+    before = cli(scored, "backtest", "--from", "2020-01-01", "--to", "2020-01-31")
+    assert before.returncode == 1 and before.stdout == "", before.stdout
+    assert "nothing to replay from 2020-01-01 to 2020-01-31" in before.stderr
     bad = cli(scored, "backtest", "--from", "2026-02-20", "--to", "2026-02-28", "--every", "x")
     assert bad.returncode == 2 and "number of days" in bad.stderr

@@ -189,16 +189,23 @@ class BacktestResults:
 def read_labels(path: Path) -> pl.DataFrame:
     """The ground truth columns the backtest reads: ``tutor_id``, ``profile``,
     ``true_reschedule_rate``, ``onset`` (a date, null when none)."""
-    return pl.read_csv(
-        path,
-        columns=["tutor_id", "profile", "true_reschedule_rate", "onset"],
-        schema_overrides={
-            "tutor_id": pl.String(),
-            "profile": pl.String(),
-            "true_reschedule_rate": pl.Float64(),
-            "onset": pl.Date,
-        },
-    )
+    try:
+        return pl.read_csv(path, columns=list(LABEL_SCHEMA), schema_overrides=LABEL_SCHEMA)
+    except (pl.exceptions.PolarsError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"{path} is not a ground_truth.csv as `tutor-scoring generate` writes one (columns "
+            f"{', '.join(LABEL_SCHEMA)}): {first}"
+        ) from None
+
+
+LABEL_SCHEMA: Final[dict[str, pl.DataType]] = {
+    "tutor_id": pl.String(),
+    "profile": pl.String(),
+    "true_reschedule_rate": pl.Float64(),
+    "onset": pl.Date(),
+}
+"""The columns of a ground truth file the backtest reads."""
 
 
 def snapshot_flags(events: pl.DataFrame, markers: pl.DataFrame, params: TierParams) -> pl.DataFrame:

@@ -58,6 +58,16 @@ def _days(text: str) -> int:
     return int(value)
 
 
+class _WithDefaults(argparse.HelpFormatter):
+    """Help that ends each option's text with its default, when it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        if text and action.option_strings and action.default not in (None, argparse.SUPPRESS):
+            return f"{text} (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``tutor-scoring``."""
     parser = argparse.ArgumentParser(
@@ -66,16 +76,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="write realistic synthetic landing drops")
+    gen = sub.add_parser(
+        "generate",
+        help="write realistic synthetic landing drops",
+        formatter_class=_WithDefaults,
+    )
     gen.add_argument("--out", type=Path, required=True, help="folder to write the drops into")
-    gen.add_argument("--tutors", type=_positive, default=100)
-    gen.add_argument("--days", type=_positive, default=120)
-    gen.add_argument("--sessions-per-day", type=_positive, default=300)
-    gen.add_argument("--seed", type=int, default=7)
-    gen.add_argument("--end", type=_parse_date, default=None, help="day after the last session")
-    gen.add_argument("--format", choices=("csv", "parquet"), default="csv")
-    gen.add_argument("--drops-per-day", type=_positive, default=4)
-    gen.add_argument("--defects", type=float, default=0.0, help="fraction of defective rows")
+    gen.add_argument("--tutors", type=_positive, default=100, help="tutors")
+    gen.add_argument("--days", type=_positive, default=120, help="days of sessions")
+    gen.add_argument(
+        "--sessions-per-day",
+        type=_positive,
+        default=300,
+        help="sessions a day",
+    )
+    gen.add_argument(
+        "--seed",
+        type=int,
+        default=7,
+        help="random seed: same seed, same drops",
+    )
+    gen.add_argument(
+        "--end", type=_parse_date, default=None, help="day after the last session (default: today)"
+    )
+    gen.add_argument(
+        "--format",
+        choices=("csv", "parquet"),
+        default="csv",
+        help="file format",
+    )
+    gen.add_argument(
+        "--drops-per-day",
+        type=_positive,
+        default=4,
+        help="files a day per entity",
+    )
+    gen.add_argument(
+        "--defects",
+        type=float,
+        default=0.0,
+        help="fraction of defective rows",
+    )
     gen.add_argument(
         "--ground-truth",
         type=Path,
@@ -98,11 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="daily score partitions to (re)build, ending the day before --as-of (default 30)",
     )
 
-    demo = sub.add_parser("demo", help="generate a sample data set and run the pipeline on it")
-    demo.add_argument("--tutors", type=_positive, default=60)
-    demo.add_argument("--days", type=_positive, default=100)
-    demo.add_argument("--sessions-per-day", type=_positive, default=150)
-    demo.add_argument("--seed", type=int, default=7)
+    demo = sub.add_parser(
+        "demo",
+        help="generate a sample data set and run the pipeline on it",
+        formatter_class=_WithDefaults,
+    )
+    demo.add_argument("--tutors", type=_positive, default=60, help="tutors")
+    demo.add_argument(
+        "--days",
+        type=_positive,
+        default=100,
+        help="days of sessions, up to today",
+    )
+    demo.add_argument(
+        "--sessions-per-day",
+        type=_positive,
+        default=150,
+        help="sessions a day",
+    )
+    demo.add_argument("--seed", type=int, default=7, help="random seed")
 
     tutors = sub.add_parser("tutors", help="current scores from the serving store")
     tutors.add_argument("--risk", choices=("high", "ok", "insufficient_data"), default=None)
@@ -123,9 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     tutor.add_argument("--history-days", type=_positive, default=30)
     tutor.add_argument("--json", action="store_true", help="one JSON object")
 
-    backtest = sub.add_parser(
-        "backtest", help="replay daily snapshots and score each risk rule (issue 11)"
-    )
+    backtest = sub.add_parser("backtest", help="replay daily snapshots and score each risk rule")
     backtest.add_argument("--from", dest="start", type=_parse_date, required=True)
     backtest.add_argument("--to", dest="end", type=_parse_date, required=True)
     backtest.add_argument("--every", type=_days, default=1, help="e.g. 1d (default) or 7d")
@@ -462,6 +515,11 @@ def cmd_backtest(args: argparse.Namespace) -> int:
         raise LookupError(f"no warehouse at {path}: run the pipeline first")
     with warehouse.connect(path, read_only=True, memory_limit=settings.warehouse_memory) as con:
         results = run_backtest(con, args.start, args.end, every_days=args.every, labels=args.labels)
+    if results.daily.height == 0:
+        raise LookupError(
+            f"nothing to replay from {args.start} to {args.end}: no tutor in the warehouse has a "
+            "session by then (pick dates the landing drops cover)"
+        )
     print(results.to_json() if args.json else results.to_markdown())
     return 0
 
