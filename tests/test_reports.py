@@ -240,7 +240,7 @@ def test_digest_and_alert_name_the_right_tutors_with_the_store_numbers(
 
     # Alert: who, why, and the recent reschedules with who moved them and how early.
     assert alert["Subject"] == (
-        "High-risk tutor: Ben & <b>Co</b> (B), 7-day reschedule rate 25% (2/8)"
+        "High-risk tutor: Ben & <b>Co</b> (B), 7-day reschedule rate 25.0% (2/8)"
     )
     a_html, a_text = bodies(alert)
     assert "- 7-day window: 2 of 8 sessions rescheduled by the tutor (25.0%" in a_text

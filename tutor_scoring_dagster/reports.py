@@ -726,9 +726,10 @@ def render_alert(
         key=lambda w: (row[f"reschedule_rate_{w}d"], -w),
         default=30,
     )
+    # One decimal: 2/13 is 15.4%, which rounded to 15% would read as at the threshold.
     subject = (
         f"High-risk tutor: {name} ({tutor_id}), {worst}-day reschedule rate "
-        f"{_pct(row[f'reschedule_rate_{worst}d'], 0)} "
+        f"{_pct(row[f'reschedule_rate_{worst}d'], 1)} "
         f"({row[f'tutor_reschedules_{worst}d']}/{row[f'total_sessions_{worst}d']})"
     )
     context = {
