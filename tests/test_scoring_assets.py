@@ -21,7 +21,7 @@ import duckdb
 import polars as pl
 import pytest
 import sqlalchemy as sa
-from drops import one_file_per_entity
+from drops import HandDrop, one_file_per_entity
 
 from tutor_scoring_dagster import assessment, scoring, warehouse
 from tutor_scoring_dagster.assessment import Assessment, reach_days
@@ -50,6 +50,7 @@ from tutor_scoring_dagster.generate import generate_drops
 from tutor_scoring_dagster.ingest import ingest_landing
 from tutor_scoring_dagster.params import AssessParams
 from tutor_scoring_dagster.scoring import (
+    COUNTS_AUDIT,
     LATE_DATA_REACH_DAYS,
     affected_day_ranges,
     audit_score_parts,
@@ -338,6 +339,46 @@ def test_current_checks_catch_a_tampered_snapshot(wh: Path) -> None:
         tamper(wh, sql)
         outcome = checks_only(wh, instance, tutor_scores_current, tutor_scores_current_checks)
         assert {name for name, passed in outcome.items() if not passed} == failing, what
+
+
+def test_current_checks_leave_out_tutors_a_later_drop_changed(wh: Path, tmp_path: Path) -> None:
+    """Another run may load drops between a snapshot's step and its checks' (the warehouse
+    pool runs one step at a time, not one run at a time). The tutors those drops touched are
+    not counted against sessions the snapshot never saw; every other tutor must still
+    reconcile."""
+    instance = dg.DagsterInstance.ephemeral()
+    assert current_run(wh, instance=instance).success
+    first, second, third = table(wh, "tutor_scores_current").get_column("tutor_id").head(3)
+    late = HandDrop()
+    late.session("late-1", first, AS_OF - timedelta(days=1), moved_by="tutor")
+    late.session("late-2", second, AS_OF - timedelta(hours=2), status="no_show")
+    late.write(tmp_path / "landing", stamp="20240520T1200")
+    with warehouse.connect(wh) as con:
+        report = ingest_landing(
+            con, tmp_path / "landing", archive_dir=tmp_path / "a", quarantine_dir=tmp_path / "q"
+        )
+    assert sum(f.rows_loaded for f in report.files) == 3
+
+    def checks() -> dg.ExecuteInProcessResult:
+        return dg.materialize(
+            [tutor_scores_current, tutor_scores_current_checks],
+            resources=resources(wh),
+            instance=instance,
+            selection=dg.AssetSelection.checks_for_assets(tutor_scores_current),
+            raise_on_error=False,
+        )
+
+    result = checks()
+    assert check_outcomes(result) == ALL_PASS
+    (counted,) = (e for e in result.get_asset_check_evaluations() if e.check_name == COUNTS_AUDIT)
+    assert counted.metadata["tutors_changed_since_scored"].value == 2
+    # A tutor the drop did not touch is still recounted.
+    tamper(
+        wh,
+        "UPDATE tutor_scores_current SET total_sessions_90d = total_sessions_90d + 1 "
+        f"WHERE tutor_id = '{third}'",
+    )
+    assert not check_outcomes(checks())[COUNTS_AUDIT]
 
 
 def test_failed_checks_block_what_follows(wh: Path, monkeypatch: pytest.MonkeyPatch) -> None:

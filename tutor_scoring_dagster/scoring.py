@@ -389,6 +389,8 @@ def materialize_daily_activity(
 # Checking published scores
 
 
+COUNTS_AUDIT: Final = "counts_reconcile_with_sessions"
+"""The check that recounts every scored window from the warehouse's sessions."""
 AUDITS: Final = {
     "one_row_per_tutor_per_snapshot": (
         "No tutor appears twice in a snapshot, and every row belongs to a checked snapshot."
@@ -400,7 +402,7 @@ AUDITS: Final = {
         "tutors flagged with a start and an action)."
     ),
     "tutors_known": "Every scored tutor exists in the warehouse `tutors` view.",
-    "counts_reconcile_with_sessions": (
+    COUNTS_AUDIT: (
         "Every tutor with a session scheduled before the as-of instant is scored, and each "
         "window's counts equal an independent count over the warehouse `sessions` view."
     ),
@@ -565,7 +567,7 @@ def audit_score_parts(
             scored_tutors.append(scores.get_column("tutor_id").unique())
             part = _audit_chunk(scores, chunk)
             expected = counting.result().counts(chunk)
-            part["counts_reconcile_with_sessions"] = _count_mismatches(expected, scores)
+            part[COUNTS_AUDIT] = _count_mismatches(expected, scores)
             parts.append(part)
             del scores, expected  # one chunk of rows in memory at a time
     findings = []
@@ -580,7 +582,7 @@ def audit_score_parts(
                 .agg(pl.col("rows").sum().cast(pl.UInt32))
                 .sort("check", "column")
             )
-        elif len(parts) > 1 and name == "counts_reconcile_with_sessions":
+        elif len(parts) > 1 and name == COUNTS_AUDIT:
             failures = failures.sort(KEYS)
         findings.append(Finding(name, failures))
     return findings

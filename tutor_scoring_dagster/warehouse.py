@@ -255,6 +255,18 @@ def _ensure_current_table(con: duckdb.DuckDBPyConnection, entity: str) -> None:
             )
 
 
+def newest_load(con: duckdb.DuckDBPyConnection) -> int:
+    """The id of the warehouse's newest load (0: none yet)."""
+    row = fetch_one(con, load_sql("current_loads_select"))
+    return int(row[0]) if row is not None else 0  # type: ignore[call-overload]
+
+
+def tutors_changed_after(con: duckdb.DuckDBPyConnection, load_id: int) -> pl.Series:
+    """The tutors whose sessions or reschedules changed in the loads after ``load_id``."""
+    frame = query_frame(con, load_sql("tutors_changed_after_select"), {"after": load_id})
+    return frame.get_column("tutor_id")
+
+
 def refresh_current(con: duckdb.DuckDBPyConnection) -> int:
     """Merge the loads not yet in ``sessions_current`` / ``reschedules_current`` into them, in
     one transaction; return the newest load id now merged (0: they were up to date).

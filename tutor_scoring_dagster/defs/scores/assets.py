@@ -4,7 +4,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
-from typing import Literal
+from typing import Final, Literal
 
 import dagster as dg
 import duckdb
@@ -29,7 +29,7 @@ from tutor_scoring_dagster.scoring import (
     materialize_daily_activity,
     partition_as_of,
 )
-from tutor_scoring_dagster.warehouse import fetch_one, replace_rows, replace_tables
+from tutor_scoring_dagster.warehouse import fetch_one, newest_load, replace_rows, replace_tables
 
 TOP_RISKS = 10
 """High-risk rows the asset page previews."""
@@ -232,6 +232,10 @@ def resolve_as_of(
     return resolved
 
 
+LOADS_THROUGH: Final = "loads_through"
+"""Metadata of a current snapshot: the newest warehouse load it scored."""
+
+
 def scored_as_of(con: duckdb.DuckDBPyConnection) -> datetime | None:
     """The as-of instant of the snapshot in the warehouse's `tutor_scores_current`, if any."""
     row = fetch_one(con, load_sql("tutor_scores_current_as_of_select"))
@@ -266,6 +270,8 @@ def tutor_scores_current(
         newest = None if config.as_of else scored_as_of(con)
         as_of = resolve_as_of(config.as_of, config.floor, now=now, newest=newest)
         held = as_of != resolve_as_of(config.as_of, config.floor, now=now)
+        # The loads this snapshot saw: its checks, in a later step, may see newer ones.
+        loads_through = newest_load(con)
         assessed = assess_as_of(con, as_of, risk_rule.rule(), risk_rule.assess_params())
         scores = assessed.scores
         replace_tables(
@@ -281,6 +287,7 @@ def tutor_scores_current(
                 if held
                 else f"the run's {config.floor}"
             ),
+            LOADS_THROUGH: dg.MetadataValue.int(loads_through),
             **score_metadata(scores),
         }
     )
