@@ -193,6 +193,7 @@ def test_a_range_run_stores_its_chunks_in_one_transaction(
     assert page(chunked) == {
         "first_as_of": partition_as_of(first).isoformat(),
         "last_as_of": partition_as_of(last).isoformat(),
+        "loads_through": page(at_once)["loads_through"],
         **{k: v.value for k, v in score_metadata(stored).items()},
     }
     assert page(chunked)["rows"] == stored.height
@@ -341,17 +342,29 @@ def test_current_checks_catch_a_tampered_snapshot(wh: Path) -> None:
         assert {name for name, passed in outcome.items() if not passed} == failing, what
 
 
-def test_current_checks_leave_out_tutors_a_later_drop_changed(wh: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("snapshot", ["current", "daily"])
+def test_checks_leave_out_tutors_a_later_drop_changed(
+    wh: Path, tmp_path: Path, snapshot: str
+) -> None:
     """Another run may load drops between a snapshot's step and its checks' (the warehouse
     pool runs one step at a time, not one run at a time). The tutors those drops touched are
     not counted against sessions the snapshot never saw; every other tutor must still
     reconcile."""
     instance = dg.DagsterInstance.ephemeral()
-    assert current_run(wh, instance=instance).success
-    first, second, third = table(wh, "tutor_scores_current").get_column("tutor_id").head(3)
+    first, last = date(2024, 5, 10), date(2024, 5, 14)
+    if snapshot == "current":
+        asset, check, tags = tutor_scores_current, tutor_scores_current_checks, {}
+        late_at = AS_OF - timedelta(days=1)
+        assert current_run(wh, instance=instance).success
+    else:
+        asset, check, tags = tutor_scores_daily, tutor_scores_daily_checks, range_tags(first, last)
+        late_at = partition_as_of(first) + timedelta(days=1, hours=3)  # in the range
+        assert dg.materialize(DAILY, resources=resources(wh), instance=instance, tags=tags).success
+    name = f"tutor_scores_{snapshot}"
+    one, two, three = table(wh, name).get_column("tutor_id").unique(maintain_order=True).head(3)
     late = HandDrop()
-    late.session("late-1", first, AS_OF - timedelta(days=1), moved_by="tutor")
-    late.session("late-2", second, AS_OF - timedelta(hours=2), status="no_show")
+    late.session("late-1", one, late_at, moved_by="tutor")
+    late.session("late-2", two, late_at, status="no_show")
     late.write(tmp_path / "landing", stamp="20240520T1200")
     with warehouse.connect(wh) as con:
         report = ingest_landing(
@@ -361,11 +374,12 @@ def test_current_checks_leave_out_tutors_a_later_drop_changed(wh: Path, tmp_path
 
     def checks() -> dg.ExecuteInProcessResult:
         return dg.materialize(
-            [tutor_scores_current, tutor_scores_current_checks],
+            [asset, check],
             resources=resources(wh),
             instance=instance,
-            selection=dg.AssetSelection.checks_for_assets(tutor_scores_current),
+            selection=dg.AssetSelection.checks_for_assets(asset),
             raise_on_error=False,
+            tags=tags,
         )
 
     result = checks()
@@ -375,8 +389,7 @@ def test_current_checks_leave_out_tutors_a_later_drop_changed(wh: Path, tmp_path
     # A tutor the drop did not touch is still recounted.
     tamper(
         wh,
-        "UPDATE tutor_scores_current SET total_sessions_90d = total_sessions_90d + 1 "
-        f"WHERE tutor_id = '{third}'",
+        f"UPDATE {name} SET total_sessions_90d = total_sessions_90d + 1 WHERE tutor_id = '{three}'",
     )
     assert not check_outcomes(checks())[COUNTS_AUDIT]
 

@@ -33,6 +33,8 @@ from tutor_scoring_dagster.warehouse import fetch_one, newest_load, replace_rows
 
 TOP_RISKS = 10
 """High-risk rows the asset page previews."""
+LOADS_THROUGH: Final = "loads_through"
+"""Metadata of the score assets: the newest warehouse load the scores saw."""
 
 
 def _top_risk_rows(scores: pl.DataFrame) -> pl.DataFrame:
@@ -169,6 +171,9 @@ def tutor_scores_daily(
             )
         ) as chunks,
     ):
+        # The loads these days saw, read before any is assessed: the checks, a later step, may
+        # see newer ones.
+        loads_through = newest_load(con)
         # Tiers and their evidence for every day; drivers and actions are the current
         # snapshot's (tutor_scores_current): over years of history they would cost more than
         # the scores themselves.
@@ -193,6 +198,7 @@ def tutor_scores_daily(
         metadata={
             "first_as_of": dg.MetadataValue.text(partition_as_of(first_day).isoformat()),
             "last_as_of": dg.MetadataValue.text(partition_as_of(last_day).isoformat()),
+            LOADS_THROUGH: dg.MetadataValue.int(loads_through),
             **tally.metadata(),
         }
     )
@@ -230,10 +236,6 @@ def resolve_as_of(
     if newest is not None and resolved < as_utc(newest) <= now:
         return as_utc(newest)
     return resolved
-
-
-LOADS_THROUGH: Final = "loads_through"
-"""Metadata of a current snapshot: the newest warehouse load it scored."""
 
 
 def scored_as_of(con: duckdb.DuckDBPyConnection) -> datetime | None:

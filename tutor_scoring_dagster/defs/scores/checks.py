@@ -32,6 +32,8 @@ from tutor_scoring_dagster.warehouse import (
 )
 
 SAMPLE_ROWS = 10
+CHANGED_SINCE_SCORED = "tutors_changed_since_scored"
+"""Check metadata: tutors left out of the recount because later loads touched them."""
 
 
 def _specs(asset: dg.AssetsDefinition) -> list[dg.AssetCheckSpec]:
@@ -93,7 +95,7 @@ def tutor_scores_daily_checks(
     warehouse: one row per tutor per day, rates consistent with counts, known tutors, and
     counts equal to an independent count of the sessions."""
     instants: list[datetime] = []
-    rows_checked = 0
+    rows_checked = changed = 0
     with warehouse.connect(read_only=True) as con:
         days = _checked_days(context, con)
         if days is not None:
@@ -116,46 +118,71 @@ def tutor_scores_daily_checks(
                 return scores
 
             findings = audit_score_parts(con, instants, rows_between)
+            # The range's last day: its latest materialization is this run's, or a later one
+            # whose rows the warehouse holds now.
+            metadata = _latest_metadata(context, tutor_scores_daily, last_day.isoformat())
+            findings, changed = _recount_excusing_later_loads(con, findings, metadata)
         else:  # nothing stored yet: nothing to check
             findings = [Finding(name, pl.DataFrame()) for name in AUDITS]
     checked = {
         "snapshots_checked": dg.MetadataValue.int(len(instants)),
         "rows_checked": dg.MetadataValue.int(rows_checked),
+        CHANGED_SINCE_SCORED: dg.MetadataValue.int(changed),
     }
     yield from _results(tutor_scores_daily, findings, checked)
 
 
-def _current_snapshot(
-    context: dg.AssetCheckExecutionContext, scores: pl.DataFrame
-) -> tuple[datetime | None, int | None]:
-    """The instant the latest materialization scored as of (the rows' own as_of if unknown),
-    and the newest load it scored (None if unknown)."""
-    event = context.instance.get_latest_materialization_event(tutor_scores_current.key)
-    materialization = event.asset_materialization if event is not None else None
-    metadata = materialization.metadata if materialization is not None else {}
-    loads = metadata[LOADS_THROUGH].value if LOADS_THROUGH in metadata else None
-    loads_through = loads if isinstance(loads, int) else None
+def _latest_metadata(
+    context: dg.AssetCheckExecutionContext, asset: dg.AssetsDefinition, partition: str | None
+) -> Mapping[str, dg.MetadataValue]:
+    """The metadata of the latest materialization of ``asset`` (of ``partition``): the one
+    whose rows the warehouse holds."""
+    partitions = [partition] if partition is not None else None
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=asset.key, asset_partitions=partitions), limit=1
+    ).records
+    materialization = records[0].asset_materialization if records else None
+    return materialization.metadata if materialization is not None else {}
+
+
+def _current_as_of(
+    metadata: Mapping[str, dg.MetadataValue], scores: pl.DataFrame
+) -> datetime | None:
+    """The instant the snapshot was scored as of (the rows' own as_of if unknown)."""
     if "as_of" in metadata:
         text = metadata["as_of"].value
         assert isinstance(text, str)
-        return as_utc(datetime.fromisoformat(text)), loads_through
+        return as_utc(datetime.fromisoformat(text))
     if scores.height == 0:
-        return None, loads_through
+        return None
     latest = scores.get_column("as_of").max()
     assert isinstance(latest, datetime)
-    return latest, loads_through
+    return latest
 
 
-def _excusing(findings: list[Finding], tutors: pl.Series) -> list[Finding]:
-    """``findings`` with the count mismatches of ``tutors`` left out."""
-    if tutors.len() == 0:
-        return findings
-    return [
-        Finding(f.name, f.failures.filter(~pl.col("tutor_id").is_in(tutors.implode())))
+def _recount_excusing_later_loads(
+    con: duckdb.DuckDBPyConnection,
+    findings: list[Finding],
+    metadata: Mapping[str, dg.MetadataValue],
+) -> tuple[list[Finding], int]:
+    """``findings`` without the count mismatches of tutors touched by loads newer than those
+    the scores saw (their metadata's ``loads_through``), and how many tutors that is.
+
+    The warehouse pool runs one step at a time, not one run at a time: another run may load
+    drops between the scores' step and their checks'. Those tutors are counted against
+    sessions the scores never saw; the run that scores the new loads (or, for past days, the
+    late-data sensor's) checks them. Every other tutor must still reconcile."""
+    value = metadata[LOADS_THROUGH].value if LOADS_THROUGH in metadata else None
+    if not isinstance(value, int) or newest_load(con) <= value:
+        return findings, 0
+    changed = tutors_changed_after(con, value)
+    kept = [
+        Finding(f.name, f.failures.filter(~pl.col("tutor_id").is_in(changed.implode())))
         if f.name == COUNTS_AUDIT and f.failures.height
         else f
         for f in findings
     ]
+    return kept, changed.len()
 
 
 @dg.multi_asset_check(specs=_specs(tutor_scores_current), pool="warehouse")
@@ -165,28 +192,20 @@ def tutor_scores_current_checks(
     """The current snapshot checked against the warehouse before it is published: one row
     per tutor, all as of the instant the run scored, rates consistent with counts, known
     tutors, and counts equal to an independent count of the sessions."""
+    metadata = _latest_metadata(context, tutor_scores_current, None)
     with warehouse.connect(read_only=True) as con:
         scores = query_frame(con, load_sql("tutor_scores_current_select"))
-        as_of, loads_through = _current_snapshot(context, scores)
+        as_of = _current_as_of(metadata, scores)
         findings = (
             audit_scores(con, scores, [as_of])
             if as_of is not None
             else [Finding(name, pl.DataFrame()) for name in AUDITS]
         )
-        # Another run may have loaded drops between this snapshot's step and this one (the
-        # warehouse pool runs one step at a time, not one run): the tutors those loads touched
-        # are counted against data the snapshot never saw, and are checked by the run that
-        # scores them. Every other tutor must still reconcile.
-        changed = (
-            tutors_changed_after(con, loads_through)
-            if loads_through is not None and newest_load(con) > loads_through
-            else pl.Series("tutor_id", [], pl.String())
-        )
-    findings = _excusing(findings, changed)
+        findings, changed = _recount_excusing_later_loads(con, findings, metadata)
     checked = {
         "as_of": dg.MetadataValue.text(as_of.isoformat() if as_of else "none"),
         "rows_checked": dg.MetadataValue.int(scores.height),
-        "tutors_changed_since_scored": dg.MetadataValue.int(changed.len()),
+        CHANGED_SINCE_SCORED: dg.MetadataValue.int(changed),
     }
     yield from _results(tutor_scores_current, findings, checked)
 
