@@ -249,8 +249,8 @@ def test_a_range_run_whose_risk_tiers_fail_stores_nothing_and_says_why(
     assert not failed.success
     error = step_error(failed)
     if scores_fail_too:
-        assert error.startswith("RuntimeError: scores broke"), error
-        assert "making the other item failed too: RuntimeError('tiers broke')" in error
+        assert error.startswith("RuntimeError: tiers broke"), error
+        assert "making the other item failed too: RuntimeError('scores broke')" in error
     else:
         assert "RuntimeError: tiers broke" in error
     assert table(wh, "tutor_scores_daily").equals(stored)

@@ -232,7 +232,9 @@ def assess_days_by_chunk(
                 )
             )
         for day, end in chunks:
-            scores, chunk_tiers = next_of_both(scores_ahead, tiers)
+            # The tiers first: their next chunk, the critical path, starts as soon as this
+            # one is taken.
+            chunk_tiers, scores = next_of_both(tiers, scores_ahead)
             assessed = assess(
                 con,
                 scores,
