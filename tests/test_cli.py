@@ -150,7 +150,12 @@ def test_reading_a_store_that_is_not_there_says_so_and_creates_nothing(
     """A typo'd home or a first look before any run: the SQLite store is not made empty by a
     reader (health would then call it a store at an unknown migration)."""
     store = Path(str(sa.make_url(home.database_url).database))
-    for command in (["tutors"], ["tutor", "T00001"]):
+    for command in (
+        ["tutors"],
+        ["tutor", "T00001"],
+        ["db", "current"],
+        ["db", "downgrade", "base"],
+    ):
         done = cli(home, *command)
         assert done.returncode == 1
         assert done.stderr.count("\n") == 1

@@ -278,9 +278,14 @@ def _redact(url: str) -> str:
 def cmd_db(args: argparse.Namespace) -> int:
     from tutor_scoring_dagster.config import load_settings
     from tutor_scoring_dagster.store import migrate
+    from tutor_scoring_dagster.store.errors import missing_sqlite_file
     from tutor_scoring_dagster.store.publish import create_store_engine
 
-    engine = create_store_engine(load_settings().database_url)
+    url = load_settings().database_url
+    missing = missing_sqlite_file(url)
+    if missing is not None and args.action != "upgrade":  # upgrade makes the store
+        raise StoreUnavailable(missing)
+    engine = create_store_engine(url)
     try:
         if args.action == "upgrade":
             migrate.upgrade(engine, args.revision or "head")

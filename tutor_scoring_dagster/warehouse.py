@@ -261,10 +261,10 @@ def newest_load(con: duckdb.DuckDBPyConnection) -> int:
     return int(row[0]) if row is not None else 0  # type: ignore[call-overload]
 
 
-def tutors_changed_after(con: duckdb.DuckDBPyConnection, load_id: int) -> pl.Series:
-    """The tutors whose sessions or reschedules changed in the loads after ``load_id``."""
-    frame = query_frame(con, load_sql("tutors_changed_after_select"), {"after": load_id})
-    return frame.get_column("tutor_id")
+def sessions_changed_after(con: duckdb.DuckDBPyConnection, load_id: int) -> pl.DataFrame:
+    """``tutor_id`` and ``scheduled_time`` of every export of the sessions whose rows (or
+    reschedules) the loads after ``load_id`` hold."""
+    return query_frame(con, load_sql("sessions_changed_after_select"), {"after": load_id})
 
 
 def refresh_current(con: duckdb.DuckDBPyConnection) -> int:

@@ -18,6 +18,7 @@ from tutor_scoring_dagster.paths import load_sql
 from tutor_scoring_dagster.scoring import (
     AUDITS,
     COUNTS_AUDIT,
+    LONGEST_WINDOW,
     Finding,
     as_utc,
     audit_score_parts,
@@ -28,12 +29,12 @@ from tutor_scoring_dagster.warehouse import (
     fetch_one,
     newest_load,
     query_frame,
-    tutors_changed_after,
+    sessions_changed_after,
 )
 
 SAMPLE_ROWS = 10
 CHANGED_SINCE_SCORED = "tutors_changed_since_scored"
-"""Check metadata: tutors left out of the recount because later loads touched them."""
+"""Check metadata: tutors of the sessions loads after the scores changed."""
 
 
 def _specs(asset: dg.AssetsDefinition) -> list[dg.AssetCheckSpec]:
@@ -95,7 +96,8 @@ def tutor_scores_daily_checks(
     warehouse: one row per tutor per day, rates consistent with counts, known tutors, and
     counts equal to an independent count of the sessions."""
     instants: list[datetime] = []
-    rows_checked = changed = 0
+    rows_checked = 0
+    later: dict[str, dg.MetadataValue] = {}
     with warehouse.connect(read_only=True) as con:
         days = _checked_days(context, con)
         if days is not None:
@@ -121,13 +123,13 @@ def tutor_scores_daily_checks(
             # The range's last day: its latest materialization is this run's, or a later one
             # whose rows the warehouse holds now.
             metadata = _latest_metadata(context, tutor_scores_daily, last_day.isoformat())
-            findings, changed = _recount_excusing_later_loads(con, findings, metadata)
+            findings, later = _recount_excusing_later_loads(con, findings, metadata)
         else:  # nothing stored yet: nothing to check
             findings = [Finding(name, pl.DataFrame()) for name in AUDITS]
     checked = {
         "snapshots_checked": dg.MetadataValue.int(len(instants)),
         "rows_checked": dg.MetadataValue.int(rows_checked),
-        CHANGED_SINCE_SCORED: dg.MetadataValue.int(changed),
+        **later,
     }
     yield from _results(tutor_scores_daily, findings, checked)
 
@@ -164,25 +166,46 @@ def _recount_excusing_later_loads(
     con: duckdb.DuckDBPyConnection,
     findings: list[Finding],
     metadata: Mapping[str, dg.MetadataValue],
-) -> tuple[list[Finding], int]:
-    """``findings`` without the count mismatches of tutors touched by loads newer than those
-    the scores saw (their metadata's ``loads_through``), and how many tutors that is.
+) -> tuple[list[Finding], dict[str, dg.MetadataValue]]:
+    """``findings`` without the count mismatches that loads newer than those the scores saw
+    (their metadata's ``loads_through``) can explain, and what was left out.
 
     The warehouse pool runs one step at a time, not one run at a time: another run may load
-    drops between the scores' step and their checks'. Those tutors are counted against
-    sessions the scores never saw; the run that scores the new loads (or, for past days, the
-    late-data sensor's) checks them. Every other tutor must still reconcile."""
+    drops between the scores' step and their checks'. A row is excused only if one of its
+    tutor's windows holds a session those loads changed (any export of it: a session may move
+    to another tutor or time); the run that scores those loads, or for past days the
+    late-data sensor's, scores and checks it again. Every other row must still reconcile."""
     value = metadata[LOADS_THROUGH].value if LOADS_THROUGH in metadata else None
     if not isinstance(value, int) or newest_load(con) <= value:
-        return findings, 0
-    changed = tutors_changed_after(con, value)
-    kept = [
-        Finding(f.name, f.failures.filter(~pl.col("tutor_id").is_in(changed.implode())))
-        if f.name == COUNTS_AUDIT and f.failures.height
-        else f
-        for f in findings
-    ]
-    return kept, changed.len()
+        return findings, {CHANGED_SINCE_SCORED: dg.MetadataValue.int(0)}
+    changed = sessions_changed_after(con, value).with_columns(
+        pl.col("scheduled_time").cast(pl.Datetime("us", "UTC"))
+    )
+    excused = 0
+    kept = []
+    for finding in findings:
+        if finding.name != COUNTS_AUDIT or finding.failures.height == 0:
+            kept.append(finding)
+            continue
+        failures = finding.failures.with_columns(pl.col("as_of").cast(pl.Datetime("us", "UTC")))
+        reachable = (
+            failures.select("tutor_id", "as_of")
+            .unique()
+            .join(changed, on="tutor_id")
+            .filter(
+                (pl.col("scheduled_time") < pl.col("as_of"))
+                & (pl.col("scheduled_time") >= pl.col("as_of") - timedelta(days=LONGEST_WINDOW))
+            )
+            .select("tutor_id", "as_of")
+            .unique()
+        )
+        left = failures.join(reachable, on=["tutor_id", "as_of"], how="anti")
+        excused += failures.height - left.height
+        kept.append(Finding(finding.name, left))
+    return kept, {
+        CHANGED_SINCE_SCORED: dg.MetadataValue.int(changed.get_column("tutor_id").n_unique()),
+        "count_mismatches_excused": dg.MetadataValue.int(excused),
+    }
 
 
 @dg.multi_asset_check(specs=_specs(tutor_scores_current), pool="warehouse")
@@ -201,11 +224,11 @@ def tutor_scores_current_checks(
             if as_of is not None
             else [Finding(name, pl.DataFrame()) for name in AUDITS]
         )
-        findings, changed = _recount_excusing_later_loads(con, findings, metadata)
+        findings, later = _recount_excusing_later_loads(con, findings, metadata)
     checked = {
         "as_of": dg.MetadataValue.text(as_of.isoformat() if as_of else "none"),
         "rows_checked": dg.MetadataValue.int(scores.height),
-        CHANGED_SINCE_SCORED: dg.MetadataValue.int(changed),
+        **later,
     }
     yield from _results(tutor_scores_current, findings, checked)
 
