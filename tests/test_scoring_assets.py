@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -34,7 +35,9 @@ from tutor_scoring_dagster.defs.resources import (
     WarehouseResource,
 )
 from tutor_scoring_dagster.defs.scores import assets as score_assets
+from tutor_scoring_dagster.defs.scores import checks as score_checks
 from tutor_scoring_dagster.defs.scores.assets import (
+    LOADS_THROUGH,
     score_metadata,
     tutor_daily_activity,
     tutor_scores_current,
@@ -402,6 +405,35 @@ def test_checks_leave_out_tutors_a_later_drop_changed(
             f"WHERE tutor_id = '{tutor}'",
         )
         assert not check_outcomes(checks())[COUNTS_AUDIT], tutor
+
+
+def test_a_daily_check_judges_by_the_loads_its_own_run_scored(wh: Path, tmp_path: Path) -> None:
+    """A range's check runs in the range's run; if another run re-scored its last day from
+    newer loads in between, the range's other days were still made from this run's loads."""
+    instance = dg.DagsterInstance.ephemeral()
+    first, last = date(2024, 5, 10), date(2024, 5, 14)
+    scores = [tutor_daily_activity, tutor_scores_daily]
+    ours = dg.materialize(
+        scores, resources=resources(wh), instance=instance, tags=range_tags(first, last)
+    )
+    late = HandDrop()
+    late.session("late-1", "T-late", partition_as_of(last) - timedelta(hours=3))
+    late.write(tmp_path / "landing", stamp="20240520T1200")
+    with warehouse.connect(wh) as con:
+        ingest_landing(
+            con, tmp_path / "landing", archive_dir=tmp_path / "a", quarantine_dir=tmp_path / "q"
+        )
+    theirs = dg.materialize(
+        scores, resources=resources(wh), instance=instance, tags=range_tags(last, last)
+    )
+    assert ours.success and theirs.success
+    # The check's own view of the instance: the run it belongs to.
+    context: Any = types.SimpleNamespace(instance=instance, run=instance.get_run_by_id(ours.run_id))
+    own = score_checks._latest_metadata(
+        context, tutor_scores_daily, last.isoformat(), own_run_first=True
+    )
+    latest = score_checks._latest_metadata(context, tutor_scores_daily, last.isoformat())
+    assert own[LOADS_THROUGH].value < latest[LOADS_THROUGH].value
 
 
 def test_failed_checks_block_what_follows(wh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
