@@ -389,6 +389,8 @@ def materialize_daily_activity(
 # Checking published scores
 
 
+TUTORS_AUDIT: Final = "tutors_known"
+"""The check that every scored tutor is in the warehouse's ``tutors`` view."""
 COUNTS_AUDIT: Final = "counts_reconcile_with_sessions"
 """The check that recounts every scored window from the warehouse's sessions."""
 AUDITS: Final = {
@@ -401,7 +403,7 @@ AUDITS: Final = {
         "the TutorRiskTiers contract (a known tier, probability in [0, 1], only watch/high "
         "tutors flagged with a start and an action)."
     ),
-    "tutors_known": "Every scored tutor exists in the warehouse `tutors` view.",
+    TUTORS_AUDIT: "Every scored tutor exists in the warehouse `tutors` view.",
     COUNTS_AUDIT: (
         "Every tutor with a session scheduled before the as-of instant is scored, and each "
         "window's counts equal an independent count over the warehouse `sessions` view."
@@ -572,7 +574,7 @@ def audit_score_parts(
             del scores, expected  # one chunk of rows in memory at a time
     findings = []
     for name in AUDITS:
-        if name == "tutors_known":  # one query for every chunk's tutors
+        if name == TUTORS_AUDIT:  # one query for every chunk's tutors
             failures = _unknown_tutors(con, pl.concat(scored_tutors).unique())
         else:
             failures = pl.concat([part[name] for part in parts], how="vertical_relaxed")

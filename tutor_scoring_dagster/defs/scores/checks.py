@@ -19,6 +19,7 @@ from tutor_scoring_dagster.scoring import (
     AUDITS,
     COUNTS_AUDIT,
     LONGEST_WINDOW,
+    TUTORS_AUDIT,
     Finding,
     as_utc,
     audit_score_parts,
@@ -126,7 +127,7 @@ def tutor_scores_daily_checks(
             metadata = _latest_metadata(
                 context, tutor_scores_daily, last_day.isoformat(), own_run_first=True
             )
-            findings, later = _recount_excusing_later_loads(con, findings, metadata)
+            findings, later = _excusing_later_loads(con, findings, metadata)
         else:  # nothing stored yet: nothing to check
             findings = [Finding(name, pl.DataFrame()) for name in AUDITS]
     checked = {
@@ -178,19 +179,20 @@ def _current_as_of(
     return latest
 
 
-def _recount_excusing_later_loads(
+def _excusing_later_loads(
     con: duckdb.DuckDBPyConnection,
     findings: list[Finding],
     metadata: Mapping[str, dg.MetadataValue],
 ) -> tuple[list[Finding], dict[str, dg.MetadataValue]]:
-    """``findings`` without the count mismatches that loads newer than those the scores saw
-    (their metadata's ``loads_through``) can explain, and what was left out.
+    """``findings`` without the failures that loads newer than those the scores saw (their
+    metadata's ``loads_through``) can explain, and what was left out.
 
     The warehouse pool runs one step at a time, not one run at a time: another run may load
-    drops between the scores' step and their checks'. A row is excused only if one of its
-    tutor's windows holds a session those loads changed (any export of it: a session may move
-    to another tutor or time); the run that scores those loads, or for past days the
-    late-data sensor's, scores and checks it again. Every other row must still reconcile."""
+    drops between the scores' step and their checks'. A count mismatch is excused only if one
+    of that row's windows holds a session those loads changed (any export of it: a session may
+    move to another tutor or time), an unknown tutor only if such a session was theirs; the
+    run that scores those loads, or for past days the late-data sensor's, scores and checks
+    them again. Every other row must still pass."""
     value = metadata[LOADS_THROUGH].value if LOADS_THROUGH in metadata else None
     if not isinstance(value, int) or newest_load(con) <= value:
         return findings, {CHANGED_SINCE_SCORED: dg.MetadataValue.int(0)}
@@ -200,6 +202,13 @@ def _recount_excusing_later_loads(
     excused = 0
     kept = []
     for finding in findings:
+        if finding.name == TUTORS_AUDIT and finding.failures.height:
+            # A tutor known only from sessions is gone once a later export moves them away.
+            moved = changed.get_column("tutor_id").implode()
+            left = finding.failures.filter(~pl.col("tutor_id").is_in(moved))
+            excused += finding.failures.height - left.height
+            kept.append(Finding(finding.name, left))
+            continue
         if finding.name != COUNTS_AUDIT or finding.failures.height == 0:
             kept.append(finding)
             continue
@@ -220,7 +229,7 @@ def _recount_excusing_later_loads(
         kept.append(Finding(finding.name, left))
     return kept, {
         CHANGED_SINCE_SCORED: dg.MetadataValue.int(changed.get_column("tutor_id").n_unique()),
-        "count_mismatches_excused": dg.MetadataValue.int(excused),
+        "failures_excused": dg.MetadataValue.int(excused),
     }
 
 
@@ -240,7 +249,7 @@ def tutor_scores_current_checks(
             if as_of is not None
             else [Finding(name, pl.DataFrame()) for name in AUDITS]
         )
-        findings, later = _recount_excusing_later_loads(con, findings, metadata)
+        findings, later = _excusing_later_loads(con, findings, metadata)
     checked = {
         "as_of": dg.MetadataValue.text(as_of.isoformat() if as_of else "none"),
         "rows_checked": dg.MetadataValue.int(scores.height),
