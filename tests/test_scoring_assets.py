@@ -50,7 +50,7 @@ from tutor_scoring_dagster.defs.scores.checks import (
 )
 from tutor_scoring_dagster.defs.scores.sensors import late_data_sensor
 from tutor_scoring_dagster.generate import generate_drops
-from tutor_scoring_dagster.ingest import ingest_landing
+from tutor_scoring_dagster.ingest import IngestReport, ingest_landing
 from tutor_scoring_dagster.params import AssessParams
 from tutor_scoring_dagster.scoring import (
     COUNTS_AUDIT,
@@ -271,6 +271,15 @@ def current_run(
     )
 
 
+def load_drop(path: Path, drop: HandDrop, folder: Path, stamp: str) -> IngestReport:
+    """``drop`` written to ``folder`` (stamped ``stamp``), then loaded into warehouse ``path``."""
+    drop.write(folder, stamp=stamp)
+    with warehouse.connect(path) as con:
+        return ingest_landing(
+            con, folder, archive_dir=folder / "archive", quarantine_dir=folder / "quarantine"
+        )
+
+
 def checks_only(
     path: Path, instance: dg.DagsterInstance, asset: dg.AssetsDefinition, check: Any, **kw: Any
 ) -> dict[str, bool]:
@@ -371,11 +380,7 @@ def test_checks_leave_out_tutors_a_later_drop_changed(
     late.session("late-2", two, late_at, status="no_show")
     # After every as-of checked: no count of this tutor's checked rows can hold it.
     late.session("late-3", later, AS_OF + timedelta(days=2))
-    late.write(tmp_path / "landing", stamp="20240520T1200")
-    with warehouse.connect(wh) as con:
-        report = ingest_landing(
-            con, tmp_path / "landing", archive_dir=tmp_path / "a", quarantine_dir=tmp_path / "q"
-        )
+    report = load_drop(wh, late, tmp_path / "landing", "20240520T1200")
     assert sum(f.rows_loaded for f in report.files) == 4
 
     def checks() -> dg.ExecuteInProcessResult:
@@ -414,20 +419,12 @@ def test_a_tutor_a_later_export_moves_away_is_not_called_unknown(wh: Path, tmp_p
     instance = dg.DagsterInstance.ephemeral()
     own = HandDrop()
     own.session("moving", "T-moving", AS_OF - timedelta(days=3))
-    own.write(tmp_path / "first", stamp="20240517T1200")
-    with warehouse.connect(wh) as con:
-        ingest_landing(
-            con, tmp_path / "first", archive_dir=tmp_path / "a", quarantine_dir=tmp_path / "q"
-        )
+    load_drop(wh, own, tmp_path / "first", "20240517T1200")
     assert current_run(wh, instance=instance).success
     assert "T-moving" in table(wh, "tutor_scores_current").get_column("tutor_id").to_list()
     moved = HandDrop()
     moved.session("moving", "T-other", AS_OF - timedelta(days=3))
-    moved.write(tmp_path / "second", stamp="20240520T1200")
-    with warehouse.connect(wh) as con:
-        ingest_landing(
-            con, tmp_path / "second", archive_dir=tmp_path / "a", quarantine_dir=tmp_path / "q"
-        )
+    load_drop(wh, moved, tmp_path / "second", "20240520T1200")
     outcome = checks_only(wh, instance, tutor_scores_current, tutor_scores_current_checks)
     assert outcome == ALL_PASS
     tamper(wh, "UPDATE tutor_scores_current SET tutor_id = 'T-nobody' WHERE tutor_id = 'T-moving'")
@@ -447,11 +444,7 @@ def test_a_daily_check_judges_by_the_loads_its_own_run_scored(wh: Path, tmp_path
     )
     late = HandDrop()
     late.session("late-1", "T-late", partition_as_of(last) - timedelta(hours=3))
-    late.write(tmp_path / "landing", stamp="20240520T1200")
-    with warehouse.connect(wh) as con:
-        ingest_landing(
-            con, tmp_path / "landing", archive_dir=tmp_path / "a", quarantine_dir=tmp_path / "q"
-        )
+    load_drop(wh, late, tmp_path / "landing", "20240520T1200")
     theirs = dg.materialize(
         scores, resources=resources(wh), instance=instance, tags=range_tags(last, last)
     )
