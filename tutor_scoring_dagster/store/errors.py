@@ -105,8 +105,8 @@ def explain(exc: BaseException, url: str | sa.URL) -> StoreProblem:
         )
     if _NO_TABLE.search(lowered):
         return StoreProblem(
-            f"the serving store at {where} has no tables yet ({text[:120]}): run the pipeline "
-            "once (or `tutor-scoring db upgrade`)",
+            f"the serving store at {where} lacks a table this code reads ({text[:120]}): run "
+            "the pipeline once, or `tutor-scoring db upgrade`",
             retryable=False,
         )
     if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | ConnectionError):
