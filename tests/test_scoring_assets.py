@@ -380,8 +380,10 @@ def test_checks_leave_out_tutors_a_later_drop_changed(
     late.session("late-2", two, late_at, status="no_show")
     # After every as-of checked: no count of this tutor's checked rows can hold it.
     late.session("late-3", later, AS_OF + timedelta(days=2))
+    # A new tutor's only session, older than every window: the snapshot lacks the tutor.
+    late.session("late-4", "T-new", late_at - timedelta(days=120))
     report = load_drop(wh, late, tmp_path / "landing", "20240520T1200")
-    assert sum(f.rows_loaded for f in report.files) == 4
+    assert sum(f.rows_loaded for f in report.files) == 5
 
     def checks() -> dg.ExecuteInProcessResult:
         return dg.materialize(
@@ -396,7 +398,7 @@ def test_checks_leave_out_tutors_a_later_drop_changed(
     result = checks()
     assert check_outcomes(result) == ALL_PASS
     (counted,) = (e for e in result.get_asset_check_evaluations() if e.check_name == COUNTS_AUDIT)
-    assert counted.metadata["tutors_changed_since_scored"].value == 3
+    assert counted.metadata["tutors_changed_since_scored"].value == 4
     assert counted.metadata["failures_excused"].value > 0
     # A tutor the drop did not touch, or touched only after every as-of checked, is still
     # recounted.

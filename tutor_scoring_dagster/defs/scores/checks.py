@@ -20,6 +20,7 @@ from tutor_scoring_dagster.scoring import (
     COUNTS_AUDIT,
     LONGEST_WINDOW,
     TUTORS_AUDIT,
+    WINDOW_COUNTS,
     Finding,
     as_utc,
     audit_score_parts,
@@ -213,13 +214,21 @@ def _excusing_later_loads(
             kept.append(finding)
             continue
         failures = finding.failures.with_columns(pl.col("as_of").cast(pl.Datetime("us", "UTC")))
+        # A row on one side only (a tutor scored or not): any changed session before the
+        # as-of can explain it, as every tutor with a session before it is scored. A row on
+        # both sides: only one in its windows.
+        count = WINDOW_COUNTS[0]
+        one_sided = pl.col(count).is_null() | pl.col(f"{count}_scored").is_null()
         reachable = (
-            failures.select("tutor_id", "as_of")
+            failures.select("tutor_id", "as_of", one_sided.alias("one_sided"))
             .unique()
             .join(changed, on="tutor_id")
             .filter(
                 (pl.col("scheduled_time") < pl.col("as_of"))
-                & (pl.col("scheduled_time") >= pl.col("as_of") - timedelta(days=LONGEST_WINDOW))
+                & (
+                    pl.col("one_sided")
+                    | (pl.col("scheduled_time") >= pl.col("as_of") - timedelta(days=LONGEST_WINDOW))
+                )
             )
             .select("tutor_id", "as_of")
             .unique()
