@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from tutor_scoring_dagster.params import RULES_PATH, AssessParams, DriverParams, TierParams
 
@@ -238,7 +238,10 @@ def yes_or_no(text: str, name: str) -> bool:
     raise ValueError(f"{name} must be true or false, got {text!r}")
 
 
-def number(text: str, name: str, kind: type[int] | type[float]) -> int | float:
+Number = TypeVar("Number", int, float)
+
+
+def number(text: str, name: str, kind: type[Number]) -> Number:
     """A numeric setting's text as ``kind``; else a ValueError naming ``name``."""
     try:
         return kind(text.strip())
@@ -263,13 +266,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     def text(name: str) -> str:
         return (raw[name] or "").format(home=home, landing=landing)
 
-    def integer(name: str) -> int:
-        return int(number(text(name), name, int))
-
-    threshold = float(number(text("RISK_THRESHOLD"), "RISK_THRESHOLD", float))
-    min_sessions = integer("MIN_SESSIONS")
-    smtp_port = integer("SMTP_PORT")
-    horizon = integer("SERVING_HORIZON_DAYS")
+    threshold = number(text("RISK_THRESHOLD"), "RISK_THRESHOLD", float)
+    min_sessions = number(text("MIN_SESSIONS"), "MIN_SESSIONS", int)
+    smtp_port = number(text("SMTP_PORT"), "SMTP_PORT", int)
+    horizon = number(text("SERVING_HORIZON_DAYS"), "SERVING_HORIZON_DAYS", int)
     if horizon < 0:
         raise ValueError(f"SERVING_HORIZON_DAYS must be 0 (keep all) or more, got {horizon}")
     if not 0 <= threshold <= 1:

@@ -84,7 +84,7 @@ def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int) -> i
     value = env.get(name, "")
     if not value.strip():
         return default
-    whole = int(number(value, name, int))
+    whole = number(value, name, int)
     if whole < minimum:
         raise ValueError(f"{name} must be at least {minimum}, got {whole}")
     return whole
