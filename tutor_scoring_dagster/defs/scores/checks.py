@@ -203,43 +203,47 @@ def _excusing_later_loads(
     excused = 0
     kept = []
     for finding in findings:
-        if finding.name == TUTORS_AUDIT and finding.failures.height:
-            # A tutor known only from sessions is gone once a later export moves them away.
-            moved = changed.get_column("tutor_id").implode()
-            left = finding.failures.filter(~pl.col("tutor_id").is_in(moved))
-            excused += finding.failures.height - left.height
-            kept.append(Finding(finding.name, left))
-            continue
-        if finding.name != COUNTS_AUDIT or finding.failures.height == 0:
-            kept.append(finding)
-            continue
-        failures = finding.failures.with_columns(pl.col("as_of").cast(pl.Datetime("us", "UTC")))
-        # A row on one side only (a tutor scored or not): any changed session before the
-        # as-of can explain it, as every tutor with a session before it is scored. A row on
-        # both sides: only one in its windows.
-        count = WINDOW_COUNTS[0]
-        one_sided = pl.col(count).is_null() | pl.col(f"{count}_scored").is_null()
-        reachable = (
-            failures.select("tutor_id", "as_of", one_sided.alias("one_sided"))
-            .unique()
-            .join(changed, on="tutor_id")
-            .filter(
-                (pl.col("scheduled_time") < pl.col("as_of"))
-                & (
-                    pl.col("one_sided")
-                    | (pl.col("scheduled_time") >= pl.col("as_of") - timedelta(days=LONGEST_WINDOW))
-                )
-            )
-            .select("tutor_id", "as_of")
-            .unique()
-        )
-        left = failures.join(reachable, on=["tutor_id", "as_of"], how="anti")
-        excused += failures.height - left.height
+        left = _unexplained(finding, changed)
+        excused += finding.failures.height - left.height
         kept.append(Finding(finding.name, left))
     return kept, {
         CHANGED_SINCE_SCORED: dg.MetadataValue.int(changed.get_column("tutor_id").n_unique()),
         "failures_excused": dg.MetadataValue.int(excused),
     }
+
+
+def _unexplained(finding: Finding, changed: pl.DataFrame) -> pl.DataFrame:
+    """The failures of ``finding`` that no session in ``changed`` (``tutor_id``,
+    ``scheduled_time``: every export of the sessions later loads changed) can explain."""
+    failures = finding.failures
+    if failures.height == 0:
+        return failures
+    if finding.name == TUTORS_AUDIT:
+        # A tutor known only from sessions is gone once a later export moves them away.
+        return failures.filter(~pl.col("tutor_id").is_in(changed.get_column("tutor_id").implode()))
+    if finding.name != COUNTS_AUDIT:
+        return failures
+    failures = failures.with_columns(pl.col("as_of").cast(pl.Datetime("us", "UTC")))
+    # A row on one side only (a tutor scored or not): any changed session before the as-of
+    # can explain it, as every tutor with a session before it is scored. A row on both
+    # sides: only one in its windows.
+    count = WINDOW_COUNTS[0]
+    one_sided = pl.col(count).is_null() | pl.col(f"{count}_scored").is_null()
+    reachable = (
+        failures.select("tutor_id", "as_of", one_sided.alias("one_sided"))
+        .unique()
+        .join(changed, on="tutor_id")
+        .filter(
+            (pl.col("scheduled_time") < pl.col("as_of"))
+            & (
+                pl.col("one_sided")
+                | (pl.col("scheduled_time") >= pl.col("as_of") - timedelta(days=LONGEST_WINDOW))
+            )
+        )
+        .select("tutor_id", "as_of")
+        .unique()
+    )
+    return failures.join(reachable, on=["tutor_id", "as_of"], how="anti")
 
 
 @dg.multi_asset_check(specs=_specs(tutor_scores_current), pool="warehouse")
