@@ -171,37 +171,20 @@ def test_reading_a_store_that_is_not_there_says_so_and_creates_nothing(
 
 
 def test_backtest_replays_the_warehouse(scored: Settings, tmp_path: Path) -> None:
-    done = cli(scored, "backtest", "--from", "2026-02-20", "--to", "2026-02-28")
+    period = ("--from", "2026-02-20", "--to", "2026-02-28")
+    done = cli(scored, "backtest", *period)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("| rule | flagged tutor-days")
     assert "| original |" in done.stdout and "| watch_or_high |" in done.stdout
-    missing = cli(
-        scored,
-        "backtest",
-        "--from",
-        "2026-02-20",
-        "--to",
-        "2026-02-28",
-        "--labels",
-        str(tmp_path / "nope.csv"),
-    )
+    missing = cli(scored, "backtest", *period, "--labels", str(tmp_path / "nope.csv"))
     assert missing.returncode == 2 and "no labels file" in missing.stderr
     not_labels = tmp_path / "scores.csv"
     not_labels.write_text("tutor,rate\nT1,0.1\n")
-    wrong = cli(
-        scored,
-        "backtest",
-        "--from",
-        "2026-02-20",
-        "--to",
-        "2026-02-28",
-        "--labels",
-        str(not_labels),
-    )
+    wrong = cli(scored, "backtest", *period, "--labels", str(not_labels))
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1, wrong.stderr
     assert f"{not_labels} is not a ground_truth.csv" in wrong.stderr
     before = cli(scored, "backtest", "--from", "2020-01-01", "--to", "2020-01-31")
     assert before.returncode == 1 and before.stdout == "", before.stdout
     assert "nothing to replay from 2020-01-01 to 2020-01-31" in before.stderr
-    bad = cli(scored, "backtest", "--from", "2026-02-20", "--to", "2026-02-28", "--every", "x")
+    bad = cli(scored, "backtest", *period, "--every", "x")
     assert bad.returncode == 2 and "number of days" in bad.stderr

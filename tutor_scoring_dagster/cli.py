@@ -68,6 +68,18 @@ class _WithDefaults(argparse.HelpFormatter):
         return text
 
 
+def _sample_options(
+    parser: argparse.ArgumentParser, *, tutors: int, days: int, sessions_per_day: int
+) -> None:
+    """The size and seed of a generated data set (``generate``, ``demo``), with defaults."""
+    parser.add_argument("--tutors", type=_positive, default=tutors, help="tutors")
+    parser.add_argument("--days", type=_positive, default=days, help="days of sessions")
+    parser.add_argument(
+        "--sessions-per-day", type=_positive, default=sessions_per_day, help="sessions a day"
+    )
+    parser.add_argument("--seed", type=int, default=7, help="random seed: same seed, same drops")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``tutor-scoring``."""
     parser = argparse.ArgumentParser(
@@ -82,20 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_WithDefaults,
     )
     gen.add_argument("--out", type=Path, required=True, help="folder to write the drops into")
-    gen.add_argument("--tutors", type=_positive, default=100, help="tutors")
-    gen.add_argument("--days", type=_positive, default=120, help="days of sessions")
-    gen.add_argument(
-        "--sessions-per-day",
-        type=_positive,
-        default=300,
-        help="sessions a day",
-    )
-    gen.add_argument(
-        "--seed",
-        type=int,
-        default=7,
-        help="random seed: same seed, same drops",
-    )
+    _sample_options(gen, tutors=100, days=120, sessions_per_day=300)
     gen.add_argument(
         "--end", type=_parse_date, default=None, help="day after the last session (default: today)"
     )
@@ -144,20 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a sample data set and run the pipeline on it",
         formatter_class=_WithDefaults,
     )
-    demo.add_argument("--tutors", type=_positive, default=60, help="tutors")
-    demo.add_argument(
-        "--days",
-        type=_positive,
-        default=100,
-        help="days of sessions, up to today",
-    )
-    demo.add_argument(
-        "--sessions-per-day",
-        type=_positive,
-        default=150,
-        help="sessions a day",
-    )
-    demo.add_argument("--seed", type=int, default=7, help="random seed")
+    _sample_options(demo, tutors=60, days=100, sessions_per_day=150)
 
     tutors = sub.add_parser("tutors", help="current scores from the serving store")
     tutors.add_argument("--risk", choices=("high", "ok", "insufficient_data"), default=None)
