@@ -35,6 +35,7 @@ from tutor_scoring_dagster.risk_tiers import (
     risk_tiers_for_days,
     tiers_from_evidence,
     window_sum,
+    window_sums_at,
 )
 
 T = datetime(2024, 6, 1, tzinfo=UTC)
@@ -522,6 +523,51 @@ def test_fast_evidence_is_bit_identical_to_the_per_tutor_form(seed: int) -> None
     expected = reference_evidence(ev, marks, P)
     assert_frame_equal(got, expected, check_exact=True)
     assert got.get_column("cusum_statistic").max() > P.cusum_h  # something fires
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_window_sums_by_binary_search_equal_rolling_sums_at_markers(seed: int) -> None:
+    """The drivers' window sums against the frame form they replaced: markers merged into the
+    sessions, rolling sums read at them. Sessions at a marker's instant, tutors with markers
+    and no sessions, a null value and windows longer than the data are all in it."""
+    rows = random_history(seed)
+    rng = random.Random(seed)
+    ev = pl.DataFrame(
+        {
+            "tutor_id": [r[0] for r in rows],
+            "session_id": [r[1] for r in rows],
+            "scheduled_time": [r[2] for r in rows],
+            "moved": [int(r[3]) for r in rows],
+            "odd": [None if rng.random() < 0.1 else rng.randint(0, 3) for _ in rows],
+        },
+        schema_overrides={"scheduled_time": pl.Datetime("us", "UTC")},
+    ).sample(fraction=1.0, shuffle=True, seed=seed)
+    at_sessions = [r[2] for r in rows[:: len(rows) // 20]]
+    instants = sorted(
+        {*at_sessions, *(T - timedelta(days=k, hours=k % 7) for k in range(0, 400, 9))}
+    )
+    marks = markers([(f"T{u:02d}", t) for u in range(14) for t in instants]).sample(
+        fraction=1.0, shuffle=True, seed=seed
+    )
+    windows = {"moved": ("moved", 30), "odd": ("odd", 7), "moved_long": ("moved", 500)}
+    got = window_sums_at(ev, marks, windows)
+    values = {"moved": pl.col("moved"), "odd": pl.col("odd")}
+    expected = (
+        merge_markers(ev, marks, values)
+        .with_columns(
+            window_sum("moved", 30).alias("moved"),
+            window_sum("odd", 7).alias("odd"),
+            window_sum("moved", 500).alias("moved_long"),
+        )
+        .filter(pl.col("is_marker"))
+        .select(pl.col("tutor_id"), pl.col("t").alias("as_of"), *windows)
+        .collect()
+    )
+    assert got.columns == ["tutor_id", "as_of", *windows]
+    assert_frame_equal(got.sort("tutor_id", "as_of"), expected, check_exact=True)
+    assert got.get_column("moved").max() > 0 and got.get_column("odd").max() > 0
+    # Row for row in the markers' order.
+    assert got.select("tutor_id", "as_of").equals(marks.select("tutor_id", "as_of"))
 
 
 def test_chunks_read_once_match_a_call_per_chunk() -> None:

@@ -18,7 +18,6 @@ when the reference is zero. Recommended actions come from a reviewed rule table 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -26,12 +25,7 @@ import pandera.polars as pa
 import polars as pl
 
 from tutor_scoring_dagster.params import RULES_PATH, DriverParams
-from tutor_scoring_dagster.risk_tiers import (
-    FLAGGED_TIERS,
-    UTC_US,
-    merge_markers,
-    window_sum,
-)
+from tutor_scoring_dagster.risk_tiers import FLAGGED_TIERS, UTC_US, window_sums_at
 
 DRIVERS: Final = ("short_notice", "reason_code", "no_show", "reschedule_rate", "trend")
 _POPULATION: Final = "\x00population"  # a tutor id no export can hold: the whole population
@@ -147,24 +141,23 @@ def compute_drivers(
     }
     w, recent = params.window_days, params.trend_recent_days
     long = recent + params.trend_baseline_days
-    sums = [window_sum(name, w).alias(name) for name in values]
-    trend = [
-        window_sum("sessions", recent).alias("recent_sessions"),
-        window_sum("moved", recent).alias("recent_moved"),
-        window_sum("sessions", long).alias("long_sessions"),
-        window_sum("moved", long).alias("long_moved"),
-    ]
+    sums = {name: (name, w) for name in values}
+    trend = {
+        "recent_sessions": ("sessions", recent),
+        "recent_moved": ("moved", recent),
+        "long_sessions": ("sessions", long),
+        "long_moved": ("moved", long),
+    }
     markers = flagged.select("tutor_id", "as_of").unique()
-    tutor = _sums_at_markers(
-        events.join(markers.select("tutor_id").unique(), on="tutor_id", how="semi"),
+    counted = events.select("tutor_id", "scheduled_time", **values)
+    tutor = window_sums_at(
+        counted.join(markers.select("tutor_id").unique(), on="tutor_id", how="semi"),
         markers,
-        values,
-        [*sums, *trend],
+        {**sums, **trend},
     )
-    population = _sums_at_markers(
-        events.with_columns(pl.lit(_POPULATION).alias("tutor_id")),
+    population = window_sums_at(
+        counted.with_columns(pl.lit(_POPULATION).alias("tutor_id")),
         markers.select(pl.lit(_POPULATION).alias("tutor_id"), "as_of").unique(),
-        values,
         sums,
     ).drop("tutor_id")
     both = tutor.join(population, on="as_of", how="left", suffix="_pop").with_columns(
@@ -298,22 +291,6 @@ def _driver_rows(
             pl.col(base).cast(pl.Int64).alias("tutor_base"),
             description.alias("description"),
         )
-    )
-
-
-def _sums_at_markers(
-    events: pl.DataFrame,
-    markers: pl.DataFrame,
-    values: dict[str, pl.Expr],
-    sums: Sequence[pl.Expr],
-) -> pl.DataFrame:
-    return (
-        merge_markers(events, markers, values)
-        .with_columns(*sums)
-        .filter(pl.col("is_marker"))
-        .rename({"t": "as_of"})
-        .drop("is_marker")
-        .collect()
     )
 
 
