@@ -186,13 +186,8 @@ def test_the_whole_run_is_a_run_per_stage_and_a_failed_stage_skips_what_needs_it
     with dg.instance_for_test() as instance:
         summary = run_pipeline(as_of=T, history_days=3, instance=instance)
         jobs = [instance.get_run_by_id(run_id) for run_id in summary.run_ids]
-        planned = Counter(
-            e.dagster_event.asset_key.to_user_string()
-            for run_id in summary.run_ids
-            for e in instance.all_logs(
-                run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED
-            )
-            if e.dagster_event and e.dagster_event.asset_key
+        planned = _events_by_asset(
+            instance, summary.run_ids, dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED
         )
     assert not summary.success
     assert summary.errors == ["tutor_scores_daily: RuntimeError: daily scoring broke"]
@@ -205,7 +200,8 @@ def test_the_whole_run_is_a_run_per_stage_and_a_failed_stage_skips_what_needs_it
     assert summary.value("email_reports", "emails_sent") == 1
     assert "dashboard_site" not in summary.metadata
     assert not home.site_dir.exists() or not any(home.site_dir.iterdir())
-    # The days are planned for the daily assets only (not 3 times for every other asset).
+    # The days are planned for the daily assets only (not 3 times for every other asset), and
+    # on a persistent instance one event per day, which the UI marks failed when a run fails.
     assert planned == {
         "landing_drops": 1,
         "tutor_daily_activity": 3,
@@ -215,6 +211,42 @@ def test_the_whole_run_is_a_run_per_stage_and_a_failed_stage_skips_what_needs_it
         "tutor_scores": 1,
         "email_reports": 1,
     }
+
+
+def _events_by_asset(
+    instance: dg.DagsterInstance, run_ids: list[str], kind: dg.DagsterEventType
+) -> Counter[str]:
+    return Counter(
+        e.dagster_event.asset_key.to_user_string()
+        for run_id in run_ids
+        for e in instance.all_logs(run_id, of_type=kind)
+        if e.dagster_event and e.dagster_event.asset_key
+    )
+
+
+def test_a_throwaway_instance_plans_a_range_once_per_asset_and_still_records_every_day(
+    home: Settings,
+) -> None:
+    """``tutor-scoring run`` without DAGSTER_HOME: nobody will read the days' planned marks,
+    so they are one event per asset; every day is still materialized, and the flag does not
+    outlive the run."""
+    build_drops(home.landing_dir)
+    instance = dg.DagsterInstance.ephemeral()
+    summary = run_pipeline(as_of=T, history_days=3, instance=instance)
+    assert summary.success, summary.render()
+    planned = _events_by_asset(
+        instance, summary.run_ids, dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED
+    )
+    done = _events_by_asset(instance, summary.run_ids, dg.DagsterEventType.ASSET_MATERIALIZATION)
+    assert {name: planned[name] for name in ("tutor_scores_daily", "tutor_score_history")} == {
+        "tutor_scores_daily": 1,
+        "tutor_score_history": 1,
+    }
+    assert {name: done[name] for name in ("tutor_scores_daily", "tutor_score_history")} == {
+        "tutor_scores_daily": 3,
+        "tutor_score_history": 3,
+    }
+    assert "DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS" not in os.environ
 
 
 def test_pipeline_publishes_to_postgres(
