@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from drops import HandDrop
 
 from tutor_scoring_dagster.config import Settings
-from tutor_scoring_dagster.defs.jobs import run_pipeline
+from tutor_scoring_dagster.defs.jobs import PLANNED_ONCE_PER_ASSET, run_pipeline
 from tutor_scoring_dagster.defs.scores import assets as score_assets
 from tutor_scoring_dagster.scoring import wilson_lower_bound_scalar
 
@@ -183,6 +183,7 @@ def test_the_whole_run_is_a_run_per_stage_and_a_failed_stage_skips_what_needs_it
         raise RuntimeError("daily scoring broke")
 
     monkeypatch.setattr(score_assets, "assess_days_by_chunk", broken)
+    monkeypatch.delenv(PLANNED_ONCE_PER_ASSET, raising=False)
     with dg.instance_for_test() as instance:
         summary = run_pipeline(as_of=T, history_days=3, instance=instance)
         jobs = [instance.get_run_by_id(run_id) for run_id in summary.run_ids]
@@ -225,11 +226,12 @@ def _events_by_asset(
 
 
 def test_a_throwaway_instance_plans_a_range_once_per_asset_and_still_records_every_day(
-    home: Settings,
+    home: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``tutor-scoring run`` without DAGSTER_HOME: nobody will read the days' planned marks,
     so they are one event per asset; every day is still materialized, and the flag does not
     outlive the run."""
+    monkeypatch.delenv(PLANNED_ONCE_PER_ASSET, raising=False)
     build_drops(home.landing_dir)
     instance = dg.DagsterInstance.ephemeral()
     summary = run_pipeline(as_of=T, history_days=3, instance=instance)
@@ -246,7 +248,22 @@ def test_a_throwaway_instance_plans_a_range_once_per_asset_and_still_records_eve
         "tutor_scores_daily": 3,
         "tutor_score_history": 3,
     }
-    assert "DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS" not in os.environ
+    assert PLANNED_ONCE_PER_ASSET not in os.environ
+
+
+def test_an_operators_own_setting_of_the_planned_events_flag_is_left_as_it_is(
+    home: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(PLANNED_ONCE_PER_ASSET, "0")
+    build_drops(home.landing_dir)
+    instance = dg.DagsterInstance.ephemeral()
+    summary = run_pipeline(as_of=T, history_days=3, instance=instance)
+    assert summary.success, summary.render()
+    planned = _events_by_asset(
+        instance, summary.run_ids, dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED
+    )
+    assert planned["tutor_scores_daily"] == 3
+    assert os.environ[PLANNED_ONCE_PER_ASSET] == "0"
 
 
 def test_pipeline_publishes_to_postgres(

@@ -570,6 +570,21 @@ def test_window_sums_by_binary_search_equal_rolling_sums_at_markers(seed: int) -
     assert got.select("tutor_id", "as_of").equals(marks.select("tutor_id", "as_of"))
 
 
+def test_window_sums_of_no_sessions_are_zero_and_of_no_markers_empty() -> None:
+    ev = pl.DataFrame(
+        {"tutor_id": [], "scheduled_time": [], "moved": []},
+        schema={
+            "tutor_id": pl.String,
+            "scheduled_time": pl.Datetime("us", "UTC"),
+            "moved": pl.Int64,
+        },
+    )
+    got = window_sums_at(ev, markers([("A", T), ("B", T)]), {"moved": ("moved", 30)})
+    assert got.rows() == [("A", T, 0), ("B", T, 0)]
+    none = window_sums_at(ev, markers([]), {"moved": ("moved", 30)})
+    assert none.is_empty() and none.schema["moved"] == pl.Int64
+
+
 def test_chunks_read_once_match_a_call_per_chunk() -> None:
     con = warehouse()
     rows = random_history(3)

@@ -219,7 +219,9 @@ def _planned_once_per_asset(instance: dg.DagsterInstance) -> Iterator[None]:
     Dagster's flag costs the days' "failed" and "in progress" marks, which only a UI reads;
     no UI ever reads an in-memory instance, and at 1,095 days the events are seconds of the
     rebuild. A persistent instance (``DAGSTER_HOME``) keeps its marks, as does an operator's
-    own setting of the flag."""
+    own setting of the flag. Dagster reads the flag from the environment when it creates a
+    run, so it is set for the process while the run lasts: runs made meanwhile by other
+    threads of this process would read it too."""
     if not instance.is_ephemeral or PLANNED_ONCE_PER_ASSET in os.environ:
         yield
         return
@@ -227,7 +229,7 @@ def _planned_once_per_asset(instance: dg.DagsterInstance) -> Iterator[None]:
     try:
         yield
     finally:
-        del os.environ[PLANNED_ONCE_PER_ASSET]
+        os.environ.pop(PLANNED_ONCE_PER_ASSET, None)
 
 
 def _instance() -> dg.DagsterInstance:
