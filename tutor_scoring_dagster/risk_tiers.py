@@ -307,17 +307,28 @@ def window_sums_at(
     order = np.argsort(s_key, kind="stable")
     s_key = s_key[order]
     m_key = keys.key(_ranks(markers.get_column("tutor_id"), tutors), m_us)
+    # Searched in key order (each search starts where the last ended), answered in theirs.
+    m_order = np.argsort(m_key, kind="stable")
+    m_sorted = m_key[m_order]
+
+    def first_at_or_after(keys: np.ndarray) -> np.ndarray:
+        found = np.empty_like(m_order)
+        found[m_order] = np.searchsorted(s_key, keys, side="left")
+        return found
+
     # A marker's window holds the sessions with key in [key - W, key): sessions at the
     # marker's own instant are after it, as in merge_markers.
-    end = np.searchsorted(s_key, m_key, side="left")
+    end = first_at_or_after(m_sorted)
+    starts: dict[int, np.ndarray] = {}
     running: dict[str, np.ndarray] = {}
     columns: dict[str, np.ndarray] = {}
     for name, (column, days) in sums.items():
         if column not in running:
             values = sessions.get_column(column).fill_null(0).to_numpy()[order]
             running[column] = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
-        start = np.searchsorted(s_key, m_key - days * _DAY_US, side="left")
-        columns[name] = running[column][end] - running[column][start]
+        if days not in starts:
+            starts[days] = first_at_or_after(m_sorted - days * _DAY_US)
+        columns[name] = running[column][end] - running[column][starts[days]]
     return markers.select("tutor_id", "as_of").with_columns(
         pl.Series(name, values, dtype=pl.Int64) for name, values in columns.items()
     )
