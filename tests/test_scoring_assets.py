@@ -639,6 +639,35 @@ def test_late_data_sensor_requests_one_range_run_per_late_load(home: Settings) -
     assert scores.get_column("as_of").min() == datetime(2024, 4, 11, tzinfo=UTC)
 
 
+def test_late_data_sensor_redoes_the_day_a_session_left_and_a_rescheduled_sessions_day(
+    home: Settings,
+) -> None:
+    """Two late loads whose own rows do not say which days they change: a re-export moving a
+    session to another day (its old day goes stale too), and a reschedule without an
+    original_time (its day is its session's)."""
+    old_day, kept_day = datetime(2024, 4, 10, 8, tzinfo=UTC), datetime(2024, 4, 20, 8, tzinfo=UTC)
+    write_sessions(home.landing_dir, "sessions_1.csv", [old_day, kept_day], "a")
+    ingest(home)
+    first = evaluate(home, None)
+    assert isinstance(first, dg.SensorResult)
+
+    def starts(result: dg.SensorResult | dg.SkipReason) -> list[str]:
+        assert isinstance(result, dg.SensorResult)
+        return [r.tags["dagster/asset_partition_range_start"] for r in result.run_requests or []]
+
+    write_sessions(home.landing_dir, "sessions_2.csv", [datetime(2024, 5, 20, tzinfo=UTC)], "a")
+    ingest(home)
+    moved = evaluate(home, first.cursor)
+    assert starts(moved) == ["2024-04-10"]
+
+    pl.DataFrame(
+        {"session_id": ["a1"], "initiator": ["tutor"], "cancelled_at": ["2024-04-19T08:00:00Z"]}
+    ).write_csv(home.landing_dir / "reschedules_1.csv")
+    ingest(home)
+    assert isinstance(moved, dg.SensorResult)
+    assert starts(evaluate(home, moved.cursor)) == ["2024-04-20"]
+
+
 def test_late_data_sensor_skips_while_the_warehouse_is_locked(home: Settings) -> None:
     write_sessions(home.landing_dir, "sessions_1.csv", [datetime(2024, 4, 10, tzinfo=UTC)], "a")
     ingest(home)

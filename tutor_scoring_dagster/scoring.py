@@ -676,8 +676,10 @@ def _unknown_tutors(con: duckdb.DuckDBPyConnection, tutor_ids: pl.Series) -> pl.
 
 
 def read_new_loads(con: duckdb.DuckDBPyConnection, after_load_id: int) -> pl.DataFrame | None:
-    """Loads after ``after_load_id`` with the range of scheduled times their rows touched;
-    None while the warehouse's ``loaded_files`` does not record that range."""
+    """Loads after ``after_load_id`` with the range of scheduled times their rows touched,
+    every export of the sessions they touch included (a session moved to another day, a
+    reschedule without ``original_time``); None while the warehouse's ``loaded_files`` does
+    not record that range."""
     needed = {"load_id", "min_scheduled_time", "max_scheduled_time"}
     present = query_frame(con, load_sql("loaded_files_columns_select"))
     if not needed <= set(present.get_column("column_name").to_list()):
