@@ -504,6 +504,40 @@ def test_daily_checks_catch_a_missing_row(wh: Path) -> None:
     assert with_range == run_alone
 
 
+def test_daily_checks_judge_rows_stored_out_of_order_and_catch_a_repeated_one(wh: Path) -> None:
+    """The checks read stored rows in stored order and sort them only when they need it: days
+    re-stored after later ones (late data) pass as before, and a repeated row appended at the
+    end still fails its check."""
+    instance = dg.DagsterInstance.ephemeral()
+    first, last = date(2024, 5, 10), date(2024, 5, 13)
+    result = dg.materialize(
+        DAILY, resources=resources(wh), instance=instance, tags=range_tags(first, last)
+    )
+    assert result.success
+    # The first day moved to the end of the table, as a later re-run of it would store it.
+    tamper(
+        wh,
+        "CREATE TEMP TABLE moved AS SELECT * FROM tutor_scores_daily "
+        "WHERE as_of = TIMESTAMPTZ '2024-05-11 00:00:00+00'; "
+        "DELETE FROM tutor_scores_daily WHERE as_of = TIMESTAMPTZ '2024-05-11 00:00:00+00'; "
+        "INSERT INTO tutor_scores_daily SELECT * FROM moved",
+    )
+    with duckdb.connect(str(wh), read_only=True) as con:
+        stored = con.execute("SELECT as_of FROM tutor_scores_daily").fetchall()
+    assert stored != sorted(stored)
+    tags = range_tags(first, last)
+    assert checks_only(wh, instance, tutor_scores_daily, tutor_scores_daily_checks, tags=tags) == (
+        ALL_PASS
+    )
+    tamper(
+        wh,
+        "INSERT INTO tutor_scores_daily SELECT * FROM tutor_scores_daily "
+        "WHERE as_of = TIMESTAMPTZ '2024-05-12 00:00:00+00' LIMIT 1",
+    )
+    outcome = checks_only(wh, instance, tutor_scores_daily, tutor_scores_daily_checks, tags=tags)
+    assert outcome["one_row_per_tutor_per_snapshot"] is False
+
+
 def test_score_checks_cover_both_snapshot_assets() -> None:
     keys = {key for check in SCORE_CHECKS for key in check.check_keys}
     assert {k.asset_key for k in keys} == {tutor_scores_daily.key, tutor_scores_current.key}

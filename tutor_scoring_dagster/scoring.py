@@ -566,6 +566,8 @@ def audit_score_parts(
             start = chunk[0] if i > 0 else None
             end = chunks[i + 1][0] if i + 1 < len(chunks) else None
             scores = rows_between(start, end)
+            if not _strictly_sorted(scores):
+                scores = scores.sort(KEYS)
             scored_tutors.append(scores.get_column("tutor_id").unique())
             part = _audit_chunk(scores, chunk)
             expected = counting.result().counts(chunk)
@@ -594,7 +596,7 @@ def _audit_chunk(scores: pl.DataFrame, instants: list[datetime]) -> dict[str, pl
     """The failures of the rows for some consecutive ``instants`` under the checks of
     :data:`AUDITS` that need nothing but the rows."""
     duplicates = scores.clear().select(KEYS)
-    if not _strictly_sorted(scores):  # sorted rows (as read) are unique: no hashing needed
+    if not _strictly_sorted(scores):  # strictly sorted rows are unique: no hashing needed
         duplicates = scores.filter(pl.struct(KEYS).is_duplicated()).select(KEYS).unique()
     unexpected_as_of = scores.filter(~pl.col("as_of").is_in(instants)).select(KEYS).unique()
     return {
