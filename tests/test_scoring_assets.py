@@ -514,7 +514,7 @@ def test_daily_checks_judge_rows_stored_out_of_order_and_catch_a_repeated_one(wh
         DAILY, resources=resources(wh), instance=instance, tags=range_tags(first, last)
     )
     assert result.success
-    # The first day moved to the end of the table, as a later re-run of it would store it.
+    # The second day moved to the end of the table, as a later re-run of it would store it.
     tamper(
         wh,
         "CREATE TEMP TABLE moved AS SELECT * FROM tutor_scores_daily "

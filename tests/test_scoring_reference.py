@@ -17,7 +17,7 @@ import polars as pl
 import pytest
 from drops import one_file_per_entity
 
-from tutor_scoring_dagster import warehouse
+from tutor_scoring_dagster import scoring, warehouse
 from tutor_scoring_dagster.generate import generate_drops
 from tutor_scoring_dagster.ingest import ingest_landing
 from tutor_scoring_dagster.scoring import (
@@ -235,8 +235,8 @@ def test_reference_counts_match_plain_python(generated: Path) -> None:
 
 
 def test_audit_findings_do_not_depend_on_row_order(generated: Path) -> None:
-    """Rows as read (sorted: counts compared in place) and shuffled (compared by a join) give
-    the same findings for a tampered count; a duplicated row is found either way."""
+    """Rows in snapshot order and shuffled (sorted first) give the same findings for a
+    tampered count; a duplicated row is found either way."""
     first, last = date(2024, 5, 20), date(2024, 5, 31)
     instants = [partition_as_of(first + timedelta(days=i)) for i in range((last - first).days + 1)]
     with warehouse.connect(generated, read_only=True) as con:
@@ -260,3 +260,27 @@ def test_audit_findings_do_not_depend_on_row_order(generated: Path) -> None:
             mismatch = next(f for f in in_order if f.name == "counts_reconcile_with_sessions")
             row = mismatch.failures.row(0, named=True)
             assert row["no_shows_90d_scored"] == row["no_shows_90d"] + 1
+
+
+def test_rows_out_of_order_are_compared_in_place_once_sorted(
+    generated: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stored rows come back in stored order (a day re-stored after later ones is out of
+    order): they are sorted as the reference counts are, so the counts are compared row by
+    row rather than through a join."""
+    first, last = date(2024, 5, 20), date(2024, 5, 31)
+    instants = [partition_as_of(first + timedelta(days=i)) for i in range((last - first).days + 1)]
+    in_place: list[bool] = []
+    compare = scoring._count_mismatches
+
+    def watched(expected: pl.DataFrame, scores: pl.DataFrame) -> pl.DataFrame:
+        keys = ["tutor_id", "as_of"]
+        in_place.append(scores.select(keys).equals(expected.select(keys)))
+        return compare(expected, scores)
+
+    monkeypatch.setattr(scoring, "_count_mismatches", watched)
+    with warehouse.connect(generated, read_only=True) as con:
+        scores = score_days(con, first, last, RiskRule())
+        shuffled = scores.sample(fraction=1.0, shuffle=True, seed=5)
+        assert all(f.passed for f in audit_scores(con, shuffled, instants))
+    assert in_place == [True]

@@ -90,8 +90,8 @@ def assess(
     ``first_day..last_day`` (days starting ``offset`` after midnight UTC), from the warehouse's
     sessions. A scored tutor the detector has no row for is ``insufficient_data``. Without
     ``with_drivers`` only the tiers and their evidence are judged (``top_drivers`` and
-    ``recommended_action`` stay empty): drivers about double the tiers' cost over a long
-    history.
+    ``recommended_action`` stay empty): with drivers, a long history costs about twice what
+    the tiers alone do.
     ``tiers``: those days' rows of :func:`risk_tiers_for_days` when the caller has them."""
     events = None
     if with_drivers:

@@ -565,9 +565,7 @@ def audit_score_parts(
         for i, chunk in enumerate(chunks):
             start = chunk[0] if i > 0 else None
             end = chunks[i + 1][0] if i + 1 < len(chunks) else None
-            scores = rows_between(start, end)
-            if not _strictly_sorted(scores):
-                scores = scores.sort(KEYS)
+            scores = _in_snapshot_order(rows_between(start, end))
             scored_tutors.append(scores.get_column("tutor_id").unique())
             part = _audit_chunk(scores, chunk)
             expected = counting.result().counts(chunk)
@@ -605,6 +603,12 @@ def _audit_chunk(scores: pl.DataFrame, instants: list[datetime]) -> dict[str, pl
         ),
         "rates_consistent_with_counts": _contract_failures(scores),
     }
+
+
+def _in_snapshot_order(scores: pl.DataFrame) -> pl.DataFrame:
+    """``scores`` sorted by as-of, then tutor, as the reference counts are (so that they are
+    compared in place), sorting only rows that are not in that order already."""
+    return scores if _strictly_sorted(scores) else scores.sort("as_of", "tutor_id")
 
 
 def _strictly_sorted(scores: pl.DataFrame) -> bool:
