@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 
 import duckdb
@@ -26,7 +27,6 @@ from tutor_scoring_dagster.risk_tiers import (
     cusum_weights,
     exact_sums,
     fit_prior,
-    merge_markers,
     neutral_rate,
     posterior_exceedance,
     risk_evidence,
@@ -34,7 +34,6 @@ from tutor_scoring_dagster.risk_tiers import (
     risk_tiers_by_chunk,
     risk_tiers_for_days,
     tiers_from_evidence,
-    window_sum,
     window_sums_at,
 )
 
@@ -435,6 +434,59 @@ def test_watch_since_carried_from_the_previous_snapshot() -> None:
         expected.select("watch_since", "newly_flagged").rows()
     )
     assert carried.sort("tutor_id").get_column("watch_since").to_list() == [days[1], None]
+
+
+# The frame form of the windows (markers merged into the sessions, rolling sums read at the
+# markers): the straightforward reference that the fast paths must match exactly.
+
+
+def merge_markers(
+    events: pl.DataFrame | pl.LazyFrame,
+    markers: pl.DataFrame | pl.LazyFrame,
+    values: Mapping[str, pl.Expr],
+) -> pl.LazyFrame:
+    """Sessions and markers in one frame sorted by tutor and time (``t``), with ``is_marker``
+    and the per-session ``values`` (null on markers).
+
+    A marker sorts before the sessions scheduled at its own instant, so a running sum read at a
+    marker covers exactly the sessions scheduled before it. Sessions at the same instant follow
+    their ``session_id``, so that running sums are the same on every run.
+    """
+    sessions = events.lazy().select(
+        "tutor_id",
+        pl.col("scheduled_time").alias("t"),
+        pl.lit(False).alias("is_marker"),
+        "session_id",
+        *(expr.alias(name) for name, expr in values.items()),
+    )
+    marks = markers.lazy().select(
+        "tutor_id",
+        pl.col("as_of").alias("t"),
+        pl.lit(True).alias("is_marker"),
+    )
+    return (
+        pl.concat([sessions, marks], how="diagonal_relaxed")
+        .sort(
+            "tutor_id",
+            "t",
+            "is_marker",
+            "session_id",
+            descending=[False, False, True, False],
+            nulls_last=False,
+        )
+        .drop("session_id")
+    )
+
+
+def window_sum(column: str, days: int) -> pl.Expr:
+    """Per tutor, the sum of ``column`` over the rows with ``t - days <= time < t`` (nulls,
+    i.e. markers, add nothing); read at a marker it is the contract's window before ``T``."""
+    return (
+        pl.col(column)
+        .fill_null(0)
+        .rolling_sum_by("t", timedelta(days=days), closed="left")
+        .over("tutor_id")
+    )
 
 
 def reference_evidence(ev: pl.DataFrame, marks: pl.DataFrame, params: TierParams) -> pl.DataFrame:

@@ -144,55 +144,6 @@ def as_of_markers(first_sessions: pl.DataFrame, instants: Sequence[datetime]) ->
     )
 
 
-def merge_markers(
-    events: pl.DataFrame | pl.LazyFrame,
-    markers: pl.DataFrame | pl.LazyFrame,
-    values: Mapping[str, pl.Expr],
-) -> pl.LazyFrame:
-    """Sessions and markers in one frame sorted by tutor and time (``t``), with ``is_marker``
-    and the per-session ``values`` (null on markers).
-
-    A marker sorts before the sessions scheduled at its own instant, so a running sum read at a
-    marker covers exactly the sessions scheduled before it. Sessions at the same instant follow
-    their ``session_id``, so that running sums are the same on every run.
-    """
-    sessions = events.lazy().select(
-        "tutor_id",
-        pl.col("scheduled_time").alias("t"),
-        pl.lit(False).alias("is_marker"),
-        "session_id",
-        *(expr.alias(name) for name, expr in values.items()),
-    )
-    marks = markers.lazy().select(
-        "tutor_id",
-        pl.col("as_of").alias("t"),
-        pl.lit(True).alias("is_marker"),
-    )
-    return (
-        pl.concat([sessions, marks], how="diagonal_relaxed")
-        .sort(
-            "tutor_id",
-            "t",
-            "is_marker",
-            "session_id",
-            descending=[False, False, True, False],
-            nulls_last=False,
-        )
-        .drop("session_id")
-    )
-
-
-def window_sum(column: str, days: int) -> pl.Expr:
-    """Per tutor, the sum of ``column`` over the rows with ``t - days <= time < t`` (nulls,
-    i.e. markers, add nothing); read at a marker it is the contract's window before ``T``."""
-    return (
-        pl.col(column)
-        .fill_null(0)
-        .rolling_sum_by("t", timedelta(days=days), closed="left")
-        .over("tutor_id")
-    )
-
-
 # Evidence, prior and tiers
 
 
@@ -293,8 +244,8 @@ def window_sums_at(
     over the tutor's sessions (``tutor_id``, ``scheduled_time``) with ``as_of - days <=
     scheduled_time < as_of``; nulls count 0.
 
-    The same integers as :func:`window_sum` read at the markers of :func:`merge_markers`, from
-    running totals by binary search instead of a rolling sum at every session."""
+    Running totals by binary search: a window is the sessions before ``as_of`` less those
+    before ``as_of - days``, never a rolling sum at every session (tests hold the two equal)."""
     tutors = pl.concat([sessions.get_column("tutor_id"), markers.get_column("tutor_id")])
     tutors = tutors.unique().sort()
     s_us, m_us = _micros(sessions.get_column("scheduled_time")), _micros(markers["as_of"])
@@ -311,26 +262,26 @@ def window_sums_at(
     m_order = np.argsort(m_key, kind="stable")
     m_sorted = m_key[m_order]
 
-    def first_at_or_after(keys: np.ndarray) -> np.ndarray:
+    def first_at_or_after(bounds: np.ndarray) -> np.ndarray:
         found = np.empty_like(m_order)
-        found[m_order] = np.searchsorted(s_key, keys, side="left")
+        found[m_order] = np.searchsorted(s_key, bounds, side="left")
         return found
 
     # A marker's window holds the sessions with key in [key - W, key): sessions at the
-    # marker's own instant are after it, as in merge_markers.
+    # marker's own instant come after it.
     end = first_at_or_after(m_sorted)
     starts: dict[int, np.ndarray] = {}
     running: dict[str, np.ndarray] = {}
-    columns: dict[str, np.ndarray] = {}
+    totals: dict[str, np.ndarray] = {}
     for name, (column, days) in sums.items():
         if column not in running:
-            values = sessions.get_column(column).fill_null(0).to_numpy()[order]
-            running[column] = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
+            per_session = sessions.get_column(column).fill_null(0).to_numpy()[order]
+            running[column] = np.concatenate([[0], np.cumsum(per_session, dtype=np.int64)])
         if days not in starts:
             starts[days] = first_at_or_after(m_sorted - days * _DAY_US)
-        columns[name] = running[column][end] - running[column][starts[days]]
+        totals[name] = running[column][end] - running[column][starts[days]]
     return markers.select("tutor_id", "as_of").with_columns(
-        pl.Series(name, values, dtype=pl.Int64) for name, values in columns.items()
+        pl.Series(name, total, dtype=pl.Int64) for name, total in totals.items()
     )
 
 
