@@ -225,45 +225,29 @@ def _events_by_asset(
     )
 
 
-def test_a_throwaway_instance_plans_a_range_once_per_asset_and_still_records_every_day(
-    home: Settings, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("preset", "planned_per_asset"), [(None, 1), ("0", 3)])
+def test_a_throwaway_instance_plans_a_range_once_per_asset_unless_the_operator_says_otherwise(
+    home: Settings, monkeypatch: pytest.MonkeyPatch, preset: str | None, planned_per_asset: int
 ) -> None:
     """``tutor-scoring run`` without DAGSTER_HOME: nobody will read the days' planned marks,
-    so they are one event per asset; every day is still materialized, and the flag does not
-    outlive the run."""
-    monkeypatch.delenv(PLANNED_ONCE_PER_ASSET, raising=False)
+    so they are one event per asset (unless the operator set the flag: then as set); every
+    day is still materialized, and the flag set by the run does not outlive it."""
+    if preset is None:
+        monkeypatch.delenv(PLANNED_ONCE_PER_ASSET, raising=False)
+    else:
+        monkeypatch.setenv(PLANNED_ONCE_PER_ASSET, preset)
     build_drops(home.landing_dir)
     instance = dg.DagsterInstance.ephemeral()
     summary = run_pipeline(as_of=T, history_days=3, instance=instance)
     assert summary.success, summary.render()
+    daily = ("tutor_scores_daily", "tutor_score_history")
     planned = _events_by_asset(
         instance, summary.run_ids, dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED
     )
     done = _events_by_asset(instance, summary.run_ids, dg.DagsterEventType.ASSET_MATERIALIZATION)
-    assert {name: planned[name] for name in ("tutor_scores_daily", "tutor_score_history")} == {
-        "tutor_scores_daily": 1,
-        "tutor_score_history": 1,
-    }
-    assert {name: done[name] for name in ("tutor_scores_daily", "tutor_score_history")} == {
-        "tutor_scores_daily": 3,
-        "tutor_score_history": 3,
-    }
-    assert PLANNED_ONCE_PER_ASSET not in os.environ
-
-
-def test_an_operators_own_setting_of_the_planned_events_flag_is_left_as_it_is(
-    home: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv(PLANNED_ONCE_PER_ASSET, "0")
-    build_drops(home.landing_dir)
-    instance = dg.DagsterInstance.ephemeral()
-    summary = run_pipeline(as_of=T, history_days=3, instance=instance)
-    assert summary.success, summary.render()
-    planned = _events_by_asset(
-        instance, summary.run_ids, dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED
-    )
-    assert planned["tutor_scores_daily"] == 3
-    assert os.environ[PLANNED_ONCE_PER_ASSET] == "0"
+    assert {name: planned[name] for name in daily} == dict.fromkeys(daily, planned_per_asset)
+    assert {name: done[name] for name in daily} == dict.fromkeys(daily, 3)
+    assert os.environ.get(PLANNED_ONCE_PER_ASSET) == preset
 
 
 def test_pipeline_publishes_to_postgres(
