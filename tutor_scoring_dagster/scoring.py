@@ -591,11 +591,17 @@ def audit_score_parts(
 
 
 def _audit_chunk(scores: pl.DataFrame, instants: list[datetime]) -> dict[str, pl.DataFrame]:
-    """The failures of the rows for some consecutive ``instants`` under the checks of
-    :data:`AUDITS` that need nothing but the rows."""
-    duplicates = scores.clear().select(KEYS)
-    if not _strictly_sorted(scores):  # strictly sorted rows are unique: no hashing needed
-        duplicates = scores.filter(pl.struct(KEYS).is_duplicated()).select(KEYS).unique()
+    """The failures of the rows for some consecutive ``instants`` (in snapshot order:
+    :func:`_in_snapshot_order`) under the checks of :data:`AUDITS` that need nothing but the
+    rows."""
+    # In snapshot order a repeated (as_of, tutor_id) follows the row it repeats.
+    as_of, tutor = pl.col("as_of"), pl.col("tutor_id")
+    repeats = (
+        as_of.eq_missing(as_of.shift())
+        & tutor.eq_missing(tutor.shift())
+        & (pl.int_range(pl.len()) > 0)
+    )
+    duplicates = scores.filter(repeats).select(KEYS).unique()
     unexpected_as_of = scores.filter(~pl.col("as_of").is_in(instants)).select(KEYS).unique()
     return {
         "one_row_per_tutor_per_snapshot": pl.concat(
