@@ -8,9 +8,9 @@ WITH new_loads AS (
     WHERE load_id > $after
 ),
 touched AS (
-    SELECT DISTINCT load_id, session_id FROM raw_sessions WHERE load_id > $after
+    SELECT load_id, session_id FROM raw_sessions WHERE load_id > $after
     UNION
-    SELECT DISTINCT load_id, session_id FROM raw_reschedules WHERE load_id > $after
+    SELECT load_id, session_id FROM raw_reschedules WHERE load_id > $after
 ),
 session_times AS (
     SELECT t.load_id, min(s.scheduled_time) AS low, max(s.scheduled_time) AS high

@@ -17,10 +17,11 @@
   the evidence; ``ok`` otherwise. ``high`` wins over ``watch``.
 
 Everything is set-based over any number of tutors and instants at once: each as-of instant is
-a *marker* row ``(tutor_id, as_of)`` merged into the tutor's sorted sessions, cumulative sums run
-over that frame per tutor, and window quantities are rolling aggregates by time over
-``[T - W days, T)`` read at the markers (the contract's windows, exact at any instant). A
-session's baseline is such a window too, read at the session itself.
+a *marker* row ``(tutor_id, as_of)``; sessions and markers are placed by one integer key per
+(tutor, time), and a window ``[T - W days, T)`` (the contract's, exact at any instant) is the
+running total before ``T`` less the one before ``T - W``, found by binary search. A session's
+baseline is such a window too, read at the session itself; the CUSUM's horizon is a rolling
+aggregate over sessions and markers merged in key order.
 """
 
 from __future__ import annotations
