@@ -394,7 +394,9 @@ def _evidence(
     local_before = np.searchsorted(own, m_before, side="left")
     index = np.arange(n_s)
     at = np.empty(n_s + n_m, dtype=np.int64)
-    at[index + np.searchsorted(local_before, index, side="right")] = index
+    # Each session moves up by the markers at or before it: a count, not a search per session.
+    markers_through = np.cumsum(np.bincount(local_before, minlength=n_s + 1))[:n_s]
+    at[index + markers_through] = index
     at[local_before + np.arange(n_m)] = n_s + np.arange(n_m)
     horizon = f"{params.cusum_horizon_days * _DAY_US}i"
     statistic = (
