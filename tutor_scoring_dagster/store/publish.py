@@ -485,9 +485,6 @@ def _copy_direct(
     into an empty table with its keys and indexes made after the copy."""
     stamp = next(c for c in table.columns if c.name in STAMPS)
     keys = [c.name for c in table.primary_key.columns]
-    # Identifiers of tables.py only, quoted by the dialect; TRUNCATE and ANALYZE take no bound
-    # parameters.
-    quote = conn.dialect.identifier_preparer.quote
     # Into an empty table, the primary key and indexes are built once from sorted rows rather
     # than kept up row by row: at 5.4M history rows the primary key cost the COPY 11 of its
     # 27 s, and its build after it 4 s (benchmarks/README.md). Dropping the key takes the
@@ -500,23 +497,11 @@ def _copy_direct(
         conn.execute(sa.schema.DropIndex(index))
     if table_empty:
         conn.execute(sa.schema.DropConstraint(table.primary_key))
-        # Emptied in this transaction, the table takes its rows frozen and visible to all
-        # (COPY FREEZE), so no vacuum later rewrites them: after the 10M backfill, a VACUUM
-        # FREEZE took 2.5 s without, 0.06 s with (benchmarks/README.md). Its keys, the only
-        # ones pointing at it included, are dropped: TRUNCATE is refused while a key points.
-        conn.exec_driver_sql(f"TRUNCATE {quote(table.name)}")  # noqa: S608, RUF100
     # In key order, the primary key's build sorts rows already sorted.
     stamped = (
         part.with_columns(pl.lit(now).alias(stamp.name)) for part in _checked_parts(table, frame)
     )
-    # Postgres refuses FREEZE where the transaction holds an older snapshot (REPEATABLE READ).
-    freeze = table_empty and conn.get_isolation_level() == "READ COMMITTED"
-    _copy(
-        conn,
-        table,
-        (piece for part in stamped for piece in _in_key_order(part, keys)),
-        freeze=freeze,
-    )
+    _copy(conn, table, (piece for part in stamped for piece in _in_key_order(part, keys)))
     if table_empty:
         conn.execute(sa.schema.AddConstraint(table.primary_key))  # refuses a repeated key
     for index in deferred_indexes:
@@ -525,7 +510,9 @@ def _copy_direct(
         conn.execute(sa.schema.AddConstraint(fk))  # checks every row at once
     if table_empty:
         # Statistics now, not at autovacuum's leisure: the next (small) publish into this table
-        # then looks its rows up by key instead of hash-joining the whole table.
+        # then looks its rows up by key instead of hash-joining the whole table. An identifier
+        # of tables.py only, quoted by the dialect; ANALYZE takes no bound parameters.
+        quote = conn.dialect.identifier_preparer.quote
         conn.exec_driver_sql(f"ANALYZE {quote(table.name)}")  # noqa: S608, RUF100
     return frame.height
 
@@ -613,16 +600,13 @@ def _in_key_order(frame: pl.DataFrame, keys: list[str]) -> Iterator[pl.DataFrame
         yield frame[order.slice(offset, PART_ROWS)]
 
 
-def _copy(
-    conn: Connection, target: sa.Table, parts: Iterable[pl.DataFrame], *, freeze: bool = False
-) -> None:
+def _copy(conn: Connection, target: sa.Table, parts: Iterable[pl.DataFrame]) -> None:
     """Bulk-load the rows of ``parts`` (frames with the same columns, sent in order) into
     ``target`` (a staging table, or a table being filled directly) with one
     ``COPY .. FROM STDIN``: in Postgres's binary format when every column of the first part has
     a binary encoding here (no text parsing on the server: several times cheaper for numbers
     and timestamps), else in CSV. Parts are produced and encoded on another thread, one chunk
-    ahead of the one being sent, so the server never waits for the next part to be read.
-    ``freeze``: the rows go in frozen (``target`` was created or emptied in this transaction)."""
+    ahead of the one being sent, so the server never waits for the next part to be read."""
     quote = conn.dialect.identifier_preparer.quote
     server_types = _server_types(conn, target)
     nonempty = (part for part in parts if part.height)
@@ -636,7 +620,7 @@ def _copy(
     # dialect, and one of two format keywords; COPY takes no bound parameters.
     statement = (
         f"COPY {quote(target.name)} ({', '.join(quote(c) for c in columns)}) "  # noqa: S608, RUF100
-        f"FROM STDIN (FORMAT {fmt}{', FREEZE' if freeze else ''})"
+        f"FROM STDIN (FORMAT {fmt})"
     )
     if first is None:
         chunks: Iterator[bytes | memoryview] = _csv_chunks(chain([head], nonempty))
