@@ -236,6 +236,7 @@ def summarize(plan: Plan, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {
         "sessions_per_second": round(ours, 1) if ours else None,
         "baseline_sessions_per_second": base,
+        "work": _work(stages),
         "latency_work_p50_seconds": get("latency", "p50_seconds"),
         "latency_work_p95_seconds": get("latency", "p95_seconds"),
         "latency_deployed_waits": get("latency", "deployed_waits") or {},
@@ -256,6 +257,29 @@ def summarize(plan: Plan, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _work(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The rebuild's work in CPU time against the floor's: what even perfect use of every core
+    would leave of the ratio to the floor."""
+    rebuild, floor = stages.get("rebuild", {}), stages.get("floor", {})
+    process, server = rebuild.get("cpu_seconds"), rebuild.get("server_cpu_seconds")
+    cores = os.cpu_count() or 1
+    work = None if process is None else process + (server or 0.0)
+    wall, floor_wall = rebuild.get("seconds"), floor.get("seconds")
+    floor_cpu = floor.get("cpu_seconds")
+    least = None if work is None else work / cores
+    return {
+        "rebuild_cpu_seconds": None if work is None else round(work, 1),
+        "rebuild_process_cpu_seconds": process,
+        "rebuild_server_cpu_seconds": server,  # None: the server is not on this machine
+        "rebuild_cores_busy": round(work / wall, 2) if work and wall else None,
+        "floor_cpu_seconds": floor_cpu,
+        "rebuild_vs_floor_cpu": round(work / floor_cpu, 1) if work and floor_cpu else None,
+        "cores": cores,
+        "rebuild_seconds_every_core_busy": None if least is None else round(least, 1),
+        "every_core_busy_vs_floor": round(least / floor_wall, 2) if least and floor_wall else None,
+    }
+
+
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
         return "-"
@@ -266,13 +290,52 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+BUSY_MIN_SECONDS = 1.0
+"""Steps shorter than this get no "cores busy": their CPU is sampled every 50 ms."""
+
+
 def _steps_table(steps: list[dict[str, Any]]) -> list[str]:
-    lines = ["| step | wall s | peak RSS MB | status |", "|---|---:|---:|---|"]
+    lines = [
+        "| step | wall s | peak RSS MB | CPU s | Postgres CPU s | cores busy | status |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for s in steps:
+        cpu, server = s.get("cpu_s"), s.get("server_cpu_s")
+        long_enough = cpu is not None and s["seconds"] >= BUSY_MIN_SECONDS
+        busy = (cpu + (server or 0.0)) / s["seconds"] if long_enough else None
+        lines.append(
+            f"| {s['step']} | {_fmt(s['seconds'], 2)} | {_fmt(s['peak_rss_mb'])} | "
+            f"{_fmt(cpu)} | {_fmt(server)} | {_fmt(busy, 2)} | {s['status']} |"
+        )
     lines += [
-        f"| {s['step']} | {_fmt(s['seconds'], 2)} | {_fmt(s['peak_rss_mb'])} | {s['status']} |"
-        for s in steps
+        "",
+        "CPU s: this process's threads; Postgres CPU s: the local server's processes (all of "
+        "its work); cores busy: both over the wall time, for steps of "
+        f"{BUSY_MIN_SECONDS:g} s or more (CPU time is sampled every 50 ms).",
     ]
     return lines
+
+
+def _work_lines(work: dict[str, Any]) -> list[str]:
+    """The rebuild's work in CPU time against the floor's, as a paragraph (none if unmeasured)."""
+    if work.get("rebuild_cpu_seconds") is None:
+        return []
+    server = work["rebuild_server_cpu_seconds"]
+    where = (
+        f"{_fmt(work['rebuild_process_cpu_seconds'])} in its process, {_fmt(server)} in the "
+        "Postgres server"
+        if server is not None
+        else "its process only: the Postgres server is not on this machine"
+    )
+    return [
+        f"Work in CPU time: the rebuild used {_fmt(work['rebuild_cpu_seconds'])} CPU-seconds "
+        f"({where}), {_fmt(work['rebuild_cores_busy'], 2)} of {work['cores']} cores busy on "
+        f"average; the floor {_fmt(work['floor_cpu_seconds'])} CPU-seconds. The rebuild's work is "
+        f"{_fmt(work['rebuild_vs_floor_cpu'])}x the floor's: with every core busy it would "
+        f"still take {_fmt(work['rebuild_seconds_every_core_busy'])} s, "
+        f"{_fmt(work['every_core_busy_vs_floor'], 2)}x the floor.",
+        "",
+    ]
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -369,6 +432,7 @@ def markdown(report: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v} s" for k, v in sm["latency_deployed_waits"].items())
         + ".",
         "",
+        *_work_lines(sm.get("work", {})),
     ]
     for stage, title in (
         ("rebuild", "Full rebuild, per step"),

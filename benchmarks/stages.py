@@ -23,7 +23,7 @@ import numpy as np
 import polars as pl
 import psycopg
 
-from benchmarks.probe import RssSampler, peak_rss_mb, run_steps
+from benchmarks.probe import ServerCpu, UsageSampler, peak_rss_mb, run_steps
 
 SQL_DIR = Path(__file__).parent / "sql"
 TICK_SESSIONS = 125
@@ -140,11 +140,21 @@ def generate(plan: Plan, fmt: str) -> dict[str, Any]:
 # The Dagster runs
 
 
+def _server_cpu(plan: Plan) -> ServerCpu | None:
+    """The server of the benchmark's database, when it runs on this machine: its CPU time is
+    part of the pipeline's work (the publishes' COPY, index builds, queries)."""
+    url = plan.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    return None if row is None else ServerCpu.of_backend(int(row[0]))
+
+
 def _materialize(
     assets: list[Any],
     run_config: dict[str, Any],
     tags: dict[str, str] | None = None,
     instance: Any = None,
+    server: ServerCpu | None = None,
 ):
     """``dg.materialize`` on ``instance`` (default: an ephemeral one) with the default
     resources, measured."""
@@ -153,7 +163,7 @@ def _materialize(
     from tutor_scoring_dagster.defs.resources import default_resources
 
     instance = instance or dg.DagsterInstance.ephemeral()
-    with RssSampler() as sampler:
+    with UsageSampler(server=server) as sampler:
         result, seconds = _timed(
             lambda: dg.materialize(
                 assets,
@@ -207,7 +217,7 @@ def rebuild(plan: Plan) -> dict[str, Any]:
 
     files = _link_drops(plan.drops("parquet"), plan.home("pipeline") / "landing")
     instance = dg.DagsterInstance.ephemeral()
-    with RssSampler() as sampler:
+    with UsageSampler(server=_server_cpu(plan)) as sampler:
         summary, seconds = _timed(
             lambda: run_pipeline(as_of=plan.as_of, history_days=plan.days, instance=instance)
         )
@@ -226,6 +236,9 @@ def rebuild(plan: Plan) -> dict[str, Any]:
         "steps": [s.to_json() for s in steps],
         # Run creation, planned events, each partition's materialization event: Dagster's own.
         "outside_steps_seconds": round(seconds - sum(s.seconds for s in steps), 3),
+        # The work in CPU time: this process's threads, and the Postgres server's processes.
+        "cpu_seconds": sampler.cpu_s(),
+        "server_cpu_seconds": sampler.server_cpu_s(),
     }
 
 
@@ -367,7 +380,7 @@ def floor(plan: Plan) -> dict[str, Any]:
     con = duckdb.connect()
     con.execute("SET TimeZone = 'UTC'")
     con.execute("SET enable_progress_bar = false")
-    with RssSampler() as sampler:
+    with UsageSampler() as sampler:
         _, seconds = _timed(
             lambda: con.execute(
                 load_sql("floor_scores_create"),
@@ -389,6 +402,7 @@ def floor(plan: Plan) -> dict[str, Any]:
     return {
         "seconds": round(seconds, 3),
         "peak_rss_mb": sampler.peak_mb(),
+        "cpu_seconds": sampler.cpu_s(),  # DuckDB's threads are this process's
         "rows": rows,
         "compared_rows": compared,
         "only_in_floor": only_floor,
@@ -568,6 +582,7 @@ def tick(plan: Plan) -> dict[str, Any]:
             **quiet,
         },
         instance=instance,
+        server=_server_cpu(plan),
     )
     emails = sorted(set(_eml(settings.outbox_dir)) - set(before))
     site, site_seconds, site_steps = _materialize([dashboard_site], quiet)
@@ -677,7 +692,7 @@ def latency(plan: Plan) -> dict[str, Any]:
                     **request.run_config["ops"],
                     "tutor_scores_current": {"config": {"as_of": run_as_of.isoformat()}},
                 }
-                with RssSampler() as sampler:
+                with UsageSampler() as sampler:
                     result, seconds = _timed(
                         lambda o=ops, r=request: job.execute_in_process(
                             run_config={"ops": o, **quiet},

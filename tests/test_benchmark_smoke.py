@@ -65,10 +65,25 @@ def test_benchmark_smoke_run_agrees_with_the_floor_and_the_baseline(
     }
     assert all(s["status"] == "success" for s in rebuild["steps"])
 
+    # The work in CPU time, per step and in all: this process's and the Postgres server's
+    # (local here), in seconds, never more than the cores could give (a step's to within the
+    # samples around it).
+    cores = report["machine"]["cores"]
+    for step in rebuild["steps"]:
+        assert 0 <= step["cpu_s"] <= (step["seconds"] + 2) * cores, step
+        assert step["server_cpu_s"] >= 0, step
+    assert 0 < rebuild["cpu_seconds"] <= rebuild["seconds"] * cores + 0.5
+    assert rebuild["server_cpu_seconds"] > 0  # the publishes' COPY and index builds
+    publishing = [
+        s for s in rebuild["steps"] if s["step"] in ("tutor_score_history", "tutor_scores")
+    ]
+    assert sum(s["server_cpu_s"] for s in publishing) > 0
+
     # DuckDB alone counts what the pipeline scored: every tutor, every day, every window.
     floor = stages["floor"]
     assert floor["rows"] == rebuild["daily_rows"] == floor["compared_rows"] > 0
     assert floor["mismatches"] == 0
+    assert 0 < floor["cpu_seconds"] <= floor["seconds"] * cores + 0.5
 
     # The original system's per-session queries give the published numbers.
     baseline = stages["baseline"]
@@ -93,11 +108,21 @@ def test_benchmark_smoke_run_agrees_with_the_floor_and_the_baseline(
         "throughput_vs_baseline",
     }
     assert all(t["value"] is not None for t in summary["targets"].values())
+    # The pipeline validates, checks and publishes what the floor only counts: more work.
+    work = summary["work"]
+    assert work["rebuild_cpu_seconds"] == pytest.approx(
+        rebuild["cpu_seconds"] + rebuild["server_cpu_seconds"], abs=0.1
+    )
+    assert work["rebuild_vs_floor_cpu"] > 1
+    assert work["rebuild_seconds_every_core_busy"] == pytest.approx(
+        work["rebuild_cpu_seconds"] / cores, abs=0.1
+    )
     assert {"cpu", "cores", "ram_gb", "python", "duckdb", "polars", "postgres"} <= set(
         report["machine"]
     )
     page = (results / "latest.md").read_text()
     assert "full rebuild" in page and "floor" in page and "baseline" in page
+    assert "Work in CPU time" in page and "Postgres CPU s" in page
 
     # The run cleans up after itself: no data left, no database left.
     assert not (tmp_path / "data").exists()
