@@ -18,6 +18,10 @@ import dagster as dg
 STATUS = Path("/proc/self/status")
 CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 """Clock ticks per second, the unit of the CPU times in ``/proc/<pid>/stat``."""
+SAMPLE_INTERVAL_S: Final = 0.05
+"""How often a UsageSampler reads memory and CPU time."""
+BUSY_MIN_SECONDS: Final = 1.0
+"""The shortest time whose "cores busy" is told: CPU time is known to within a sample."""
 
 
 def _status_kb(name: str) -> int:
@@ -35,8 +39,7 @@ def peak_rss_mb() -> float:
 
 def cpu_seconds() -> float:
     """CPU time (user + system, every thread) this process has used so far."""
-    used = os.times()
-    return used.user + used.system
+    return time.process_time()
 
 
 def _stat_fields(pid: int | str) -> list[str] | None:
@@ -45,6 +48,13 @@ def _stat_fields(pid: int | str) -> list[str] | None:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
+        return None
+
+
+def _command(pid: int | str) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
         return None
 
 
@@ -58,35 +68,53 @@ class ServerCpu:
 
     @classmethod
     def of_backend(cls, backend_pid: int) -> ServerCpu | None:
-        """The server of the backend ``backend_pid`` (``SELECT pg_backend_pid()``); None when
-        that process is not on this machine."""
+        """The server of the backend ``backend_pid`` (``SELECT pg_backend_pid()``); None
+        unless that process and its parent are Postgres processes here (a server on another
+        host, or in another PID namespace, is not measured)."""
         fields = _stat_fields(backend_pid)
-        return None if fields is None else cls(int(fields[1]))
+        if fields is None or _command(backend_pid) != "postgres":
+            return None
+        parent = int(fields[1])
+        return cls(parent) if _command(parent) == "postgres" else None
 
     def seconds(self) -> float | None:
-        """CPU seconds so far; None when the postmaster is gone."""
+        """CPU seconds so far; None when they cannot be read (the postmaster gone, or the
+        kernel listing no children)."""
+        # The postmaster before its children: a child reaped in between is missed by this
+        # reading (a dip, which UsageSampler evens out), never counted twice.
         own = _stat_fields(self.postmaster)
+        try:
+            live = Path(f"/proc/{self.postmaster}/task/{self.postmaster}/children").read_text()
+        except OSError:
+            return None
         if own is None:
             return None
-        # utime, stime, then cutime and cstime: the children it has waited for.
+        # utime, stime, cutime, cstime: its own time and that of the children it has reaped.
         ticks = sum(int(v) for v in own[11:15])
-        try:
-            children = Path(f"/proc/{self.postmaster}/task/{self.postmaster}/children")
-            live = children.read_text().split()
-        except OSError:
-            live = []
-        for pid in live:
+        for pid in live.split():
             fields = _stat_fields(pid)
-            if fields is not None:  # one that exited since is in cutime soon
-                ticks += int(fields[11]) + int(fields[12])
+            # A pid reused since the list was read belongs to someone else.
+            if fields is not None and int(fields[1]) == self.postmaster:
+                ticks += sum(int(v) for v in fields[11:15])
         return ticks / CLOCK_TICKS
 
 
 class Sample(NamedTuple):
+    """What a UsageSampler read at one instant (epoch seconds)."""
+
     at: float
     rss_kb: int
-    cpu_s: float
-    server_cpu_s: float | None
+    cpu_seconds: float
+    server_cpu_seconds: float | None
+
+
+class Usage(NamedTuple):
+    """The CPU time used between two samples: this process's, the server's (None: not
+    measured), and the cores both kept busy (None: too short a time to tell)."""
+
+    cpu_seconds: float
+    server_cpu_seconds: float | None
+    cores_busy: float | None
 
 
 @dataclass
@@ -95,7 +123,7 @@ class UsageSampler:
     CPU time, and with ``server`` that server's CPU time, so that a peak and the CPU used can be
     told per step of a run (VmHWM only knows the process's all-time peak)."""
 
-    interval: float = 0.05
+    interval: float = SAMPLE_INTERVAL_S
     server: ServerCpu | None = None
     samples: list[Sample] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -126,37 +154,39 @@ class UsageSampler:
     def _sample(self) -> None:
         server = None if self.server is None else self.server.seconds()
         if server is not None:
-            # A backend that exits between two reads leaves the live set before its time
-            # reaches the postmaster's reaped total: never let the total go back.
+            # Never let the total go back (a child reaped between two reads of one sample).
             server = self._server_seen = max(server, self._server_seen)
-        self.samples.append(Sample(time.time(), _status_kb("VmRSS"), cpu_seconds(), server))
+        rss = _status_kb("VmRSS")
+        cpu, at = cpu_seconds(), time.time()
+        self.samples.append(Sample(at, rss, cpu, server))
 
     def peak_mb(self, start: float = 0.0, end: float = float("inf")) -> float | None:
         """The highest sample taken between ``start`` and ``end`` (epoch seconds), in MB."""
         inside = [s.rss_kb for s in self.samples if start <= s.at <= end]
         return round(max(inside) / 1024, 1) if inside else None
 
-    def _around(self, start: float, end: float) -> tuple[Sample, Sample] | None:
-        """The last sample at or before ``start`` and the first at or after ``end`` (the
-        nearest ones when outside the samples)."""
-        if not self.samples:
+    def usage(self, start: float = 0.0, end: float = float("inf")) -> Usage | None:
+        """The CPU time used between ``start`` and ``end``, from the last sample at or before
+        ``start`` to the first at or after ``end`` (so a step's is its own to within a
+        sample on each side); None without samples there."""
+        if not self.samples or start > end:
             return None
         times = [s.at for s in self.samples]
-        first = max(bisect.bisect_right(times, start) - 1, 0)
-        last = min(bisect.bisect_left(times, end), len(times) - 1)
-        return self.samples[first], self.samples[last]
-
-    def cpu_s(self, start: float = 0.0, end: float = float("inf")) -> float | None:
-        """This process's CPU seconds between ``start`` and ``end`` (to within a sample)."""
-        around = self._around(start, end)
-        return None if around is None else round(around[1].cpu_s - around[0].cpu_s, 2)
-
-    def server_cpu_s(self, start: float = 0.0, end: float = float("inf")) -> float | None:
-        """The server's CPU seconds between ``start`` and ``end``; None without a server."""
-        around = self._around(start, end)
-        if around is None or around[0].server_cpu_s is None or around[1].server_cpu_s is None:
-            return None
-        return round(around[1].server_cpu_s - around[0].server_cpu_s, 2)
+        first = self.samples[max(bisect.bisect_right(times, start) - 1, 0)]
+        last = self.samples[min(bisect.bisect_left(times, end), len(times) - 1)]
+        cpu = last.cpu_seconds - first.cpu_seconds
+        server = (
+            None
+            if first.server_cpu_seconds is None or last.server_cpu_seconds is None
+            else last.server_cpu_seconds - first.server_cpu_seconds
+        )
+        window = last.at - first.at
+        busy = (cpu + (server or 0.0)) / window if window >= BUSY_MIN_SECONDS else None
+        return Usage(
+            round(cpu, 2),
+            None if server is None else round(server, 2),
+            None if busy is None else round(busy, 2),
+        )
 
 
 @dataclass(frozen=True)
@@ -167,8 +197,7 @@ class Step:
     seconds: float
     peak_rss_mb: float | None
     status: str
-    cpu_s: float | None = None
-    server_cpu_s: float | None = None
+    usage: Usage | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -176,8 +205,7 @@ class Step:
             "seconds": round(self.seconds, 3),
             "peak_rss_mb": self.peak_rss_mb,
             "status": self.status,
-            "cpu_s": self.cpu_s,
-            "server_cpu_s": self.server_cpu_s,
+            **(self.usage._asdict() if self.usage else dict.fromkeys(Usage._fields)),
         }
 
 
@@ -203,13 +231,6 @@ def run_steps(instance: dg.DagsterInstance, run_id: str, sampler: UsageSampler) 
     for key, start in sorted(started.items(), key=lambda item: item[1]):
         end, status = ended.get(key, (time.time(), "unfinished"))
         steps.append(
-            Step(
-                key,
-                end - start,
-                sampler.peak_mb(start, end),
-                status,
-                sampler.cpu_s(start, end),
-                sampler.server_cpu_s(start, end),
-            )
+            Step(key, end - start, sampler.peak_mb(start, end), status, sampler.usage(start, end))
         )
     return steps

@@ -27,6 +27,7 @@ from typing import Any
 
 import psycopg
 
+from benchmarks.probe import BUSY_MIN_SECONDS, SAMPLE_INTERVAL_S
 from benchmarks.stages import STAGES, Plan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -262,7 +263,7 @@ def _work(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     would leave of the ratio to the floor."""
     rebuild, floor = stages.get("rebuild", {}), stages.get("floor", {})
     process, server = rebuild.get("cpu_seconds"), rebuild.get("server_cpu_seconds")
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))  # the cores this process may use
     work = None if process is None else process + (server or 0.0)
     wall, floor_wall = rebuild.get("seconds"), floor.get("seconds")
     floor_cpu = floor.get("cpu_seconds")
@@ -270,7 +271,7 @@ def _work(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {
         "rebuild_cpu_seconds": None if work is None else round(work, 1),
         "rebuild_process_cpu_seconds": process,
-        "rebuild_server_cpu_seconds": server,  # None: the server is not on this machine
+        "rebuild_server_cpu_seconds": server,  # None: not measured (see ServerCpu)
         "rebuild_cores_busy": round(work / wall, 2) if work and wall else None,
         "floor_cpu_seconds": floor_cpu,
         "rebuild_vs_floor_cpu": round(work / floor_cpu, 1) if work and floor_cpu else None,
@@ -290,28 +291,24 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
-BUSY_MIN_SECONDS = 1.0
-"""Steps shorter than this get no "cores busy": their CPU is sampled every 50 ms."""
-
-
 def _steps_table(steps: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| step | wall s | peak RSS MB | CPU s | Postgres CPU s | cores busy | status |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for s in steps:
-        cpu, server = s.get("cpu_s"), s.get("server_cpu_s")
-        long_enough = cpu is not None and s["seconds"] >= BUSY_MIN_SECONDS
-        busy = (cpu + (server or 0.0)) / s["seconds"] if long_enough else None
         lines.append(
             f"| {s['step']} | {_fmt(s['seconds'], 2)} | {_fmt(s['peak_rss_mb'])} | "
-            f"{_fmt(cpu)} | {_fmt(server)} | {_fmt(busy, 2)} | {s['status']} |"
+            f"{_fmt(s.get('cpu_seconds'))} | {_fmt(s.get('server_cpu_seconds'))} | "
+            f"{_fmt(s.get('cores_busy'), 2)} | {s['status']} |"
         )
     lines += [
         "",
-        "CPU s: this process's threads; Postgres CPU s: the local server's processes (all of "
-        "its work); cores busy: both over the wall time, for steps of "
-        f"{BUSY_MIN_SECONDS:g} s or more (CPU time is sampled every 50 ms).",
+        "CPU s: this process's threads. Postgres CPU s: the local server's processes, all of "
+        "its work meanwhile (-: not measured, for runs without the store or a server not on "
+        "this machine). Cores busy: both over the time between the samples around the step, "
+        f"for steps of {BUSY_MIN_SECONDS:g} s or more (CPU time is sampled every "
+        f"{SAMPLE_INTERVAL_S * 1000:g} ms).",
     ]
     return lines
 
@@ -322,20 +319,25 @@ def _work_lines(work: dict[str, Any]) -> list[str]:
         return []
     server = work["rebuild_server_cpu_seconds"]
     where = (
-        f"{_fmt(work['rebuild_process_cpu_seconds'])} in its process, {_fmt(server)} in the "
-        "Postgres server"
+        f"{_fmt(work['rebuild_process_cpu_seconds'])} in its process and {_fmt(server)} in the "
+        "Postgres server, all of its work meanwhile"
         if server is not None
-        else "its process only: the Postgres server is not on this machine"
+        else "its process only: the Postgres server's was not measured, so this is a lower bound"
     )
-    return [
+    lines = [
         f"Work in CPU time: the rebuild used {_fmt(work['rebuild_cpu_seconds'])} CPU-seconds "
         f"({where}), {_fmt(work['rebuild_cores_busy'], 2)} of {work['cores']} cores busy on "
-        f"average; the floor {_fmt(work['floor_cpu_seconds'])} CPU-seconds. The rebuild's work is "
-        f"{_fmt(work['rebuild_vs_floor_cpu'])}x the floor's: with every core busy it would "
-        f"still take {_fmt(work['rebuild_seconds_every_core_busy'])} s, "
-        f"{_fmt(work['every_core_busy_vs_floor'], 2)}x the floor.",
-        "",
+        "average. With every core busy it would still take "
+        f"{_fmt(work['rebuild_seconds_every_core_busy'])} s."
     ]
+    if work.get("floor_cpu_seconds") is not None:
+        lines[0] += (
+            f" The floor used {_fmt(work['floor_cpu_seconds'])} CPU-seconds: the rebuild's "
+            f"work is {_fmt(work['rebuild_vs_floor_cpu'])}x the floor's, and even with every "
+            f"core busy it would take {_fmt(work['every_core_busy_vs_floor'], 2)}x the floor's "
+            "wall time."
+        )
+    return [*lines, ""]
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -149,6 +149,15 @@ def _server_cpu(plan: Plan) -> ServerCpu | None:
     return None if row is None else ServerCpu.of_backend(int(row[0]))
 
 
+def _usage(sampler: UsageSampler) -> dict[str, Any]:
+    """The CPU time of a whole stage: its process's and (None: not measured) the server's."""
+    usage = sampler.usage()
+    return {
+        "cpu_seconds": None if usage is None else usage.cpu_seconds,
+        "server_cpu_seconds": None if usage is None else usage.server_cpu_seconds,
+    }
+
+
 def _materialize(
     assets: list[Any],
     run_config: dict[str, Any],
@@ -237,8 +246,7 @@ def rebuild(plan: Plan) -> dict[str, Any]:
         # Run creation, planned events, each partition's materialization event: Dagster's own.
         "outside_steps_seconds": round(seconds - sum(s.seconds for s in steps), 3),
         # The work in CPU time: this process's threads, and the Postgres server's processes.
-        "cpu_seconds": sampler.cpu_s(),
-        "server_cpu_seconds": sampler.server_cpu_s(),
+        **_usage(sampler),
     }
 
 
@@ -402,7 +410,7 @@ def floor(plan: Plan) -> dict[str, Any]:
     return {
         "seconds": round(seconds, 3),
         "peak_rss_mb": sampler.peak_mb(),
-        "cpu_seconds": sampler.cpu_s(),  # DuckDB's threads are this process's
+        **_usage(sampler),  # DuckDB's threads are this process's
         "rows": rows,
         "compared_rows": compared,
         "only_in_floor": only_floor,
@@ -585,7 +593,7 @@ def tick(plan: Plan) -> dict[str, Any]:
         server=_server_cpu(plan),
     )
     emails = sorted(set(_eml(settings.outbox_dir)) - set(before))
-    site, site_seconds, site_steps = _materialize([dashboard_site], quiet)
+    site, site_seconds, site_steps = _materialize([dashboard_site], quiet, server=_server_cpu(plan))
     return {
         "success": result.success and site.success,
         "as_of": as_of.isoformat(),

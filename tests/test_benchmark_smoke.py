@@ -1,5 +1,6 @@
 """The benchmark (benchmarks/README.md) end to end on small data: every stage runs and the
-numbers agree with each other. Correctness only: nothing here asserts a time."""
+numbers agree with each other. Correctness only: nothing here asserts how fast anything is
+(the CPU-time checks are bounds that any run meets, whatever the machine)."""
 
 from __future__ import annotations
 
@@ -69,15 +70,17 @@ def test_benchmark_smoke_run_agrees_with_the_floor_and_the_baseline(
     # (local here), in seconds, never more than the cores could give (a step's to within the
     # samples around it).
     cores = report["machine"]["cores"]
+    assert rebuild["server_cpu_seconds"] is not None, "the test's Postgres server must run here"
     for step in rebuild["steps"]:
-        assert 0 <= step["cpu_s"] <= (step["seconds"] + 2) * cores, step
-        assert step["server_cpu_s"] >= 0, step
+        assert 0 <= step["cpu_seconds"] <= (step["seconds"] + 2) * cores, step
+        assert step["server_cpu_seconds"] >= 0, step
+        assert step["cores_busy"] is None or 0 < step["cores_busy"] <= cores + 0.5, step
     assert 0 < rebuild["cpu_seconds"] <= rebuild["seconds"] * cores + 0.5
     assert rebuild["server_cpu_seconds"] > 0  # the publishes' COPY and index builds
     publishing = [
         s for s in rebuild["steps"] if s["step"] in ("tutor_score_history", "tutor_scores")
     ]
-    assert sum(s["server_cpu_s"] for s in publishing) > 0
+    assert sum(s["server_cpu_seconds"] for s in publishing) > 0
 
     # DuckDB alone counts what the pipeline scored: every tutor, every day, every window.
     floor = stages["floor"]
