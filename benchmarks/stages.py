@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -668,7 +669,7 @@ def latency(plan: Plan) -> dict[str, Any]:
     tutors = _tutor_ids(plan)
     job = defs.resolve_job_def("landing_ingest_job")
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-    drops = []
+    drops: list[dict[str, Any]] = []
     with dg.instance_for_test() as instance:
         dg.materialize(
             [tutor_scores], resources=default_resources(), instance=instance, run_config=quiet
@@ -691,7 +692,7 @@ def latency(plan: Plan) -> dict[str, Any]:
                     cursor=landing_cursor,
                     resources={"landing": LandingResource()},
                 )
-                found, seconds = _timed(lambda c=context: landing_sensor(c))
+                found, seconds = _timed(partial(landing_sensor, context))
                 phases.append(Phase(f"landing_sensor tick {ticks}", seconds))
                 landing_cursor = found.cursor
                 requests = list(found.run_requests or [])
@@ -702,10 +703,11 @@ def latency(plan: Plan) -> dict[str, Any]:
                 }
                 with UsageSampler() as sampler:
                     result, seconds = _timed(
-                        lambda o=ops, r=request: job.execute_in_process(
-                            run_config={"ops": o, **quiet},
+                        partial(
+                            job.execute_in_process,
+                            run_config={"ops": ops, **quiet},
                             instance=instance,
-                            tags=r.tags,
+                            tags=request.tags,
                             raise_on_error=True,
                         )
                     )
