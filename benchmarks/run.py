@@ -28,7 +28,7 @@ from typing import Any
 import psycopg
 
 from benchmarks.probe import BUSY_MIN_SECONDS, SAMPLE_INTERVAL_S
-from benchmarks.stages import STAGES, Plan
+from benchmarks.stages import STAGES, Plan, psycopg_url
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO / "benchmarks" / "data"
@@ -102,21 +102,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _psycopg_url(url: str) -> str:
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-
 def create_database(admin_url: str) -> tuple[str, str]:
     """A throwaway database on the admin URL's server: its name and SQLAlchemy URL."""
     name = f"tutor_scoring_bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(_psycopg_url(admin_url), autocommit=True) as conn:
+    with psycopg.connect(psycopg_url(admin_url), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     base, _, _ = admin_url.rpartition("/")
     return name, f"{base}/{name}"
 
 
 def drop_database(admin_url: str, name: str) -> None:
-    with psycopg.connect(_psycopg_url(admin_url), autocommit=True) as conn:
+    with psycopg.connect(psycopg_url(admin_url), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
@@ -194,7 +190,7 @@ def machine(admin_url: str) -> dict[str, Any]:
         for line in Path("/proc/meminfo").read_text().splitlines()
         if line.startswith("MemTotal:")
     )
-    with psycopg.connect(_psycopg_url(admin_url)) as conn:
+    with psycopg.connect(psycopg_url(admin_url)) as conn:
         row = conn.execute("SHOW server_version").fetchone()
     return {
         "cpu": cpu,

@@ -36,6 +36,11 @@ def load_sql(name: str) -> str:
     return (SQL_DIR / f"{name}.sql").read_text(encoding="utf-8")
 
 
+def psycopg_url(url: str) -> str:
+    """A SQLAlchemy ``postgresql+psycopg://`` URL as psycopg's own connect takes it."""
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
 @dataclass(frozen=True)
 class Plan:
     """What one benchmark run works on; handed from the parent to each stage process."""
@@ -144,8 +149,7 @@ def generate(plan: Plan, fmt: str) -> dict[str, Any]:
 def _server_cpu(plan: Plan) -> ServerCpu | None:
     """The server of the benchmark's database, when it runs on this machine: its CPU time is
     part of the pipeline's work (the publishes' COPY, index builds, queries)."""
-    url = plan.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-    with psycopg.connect(url) as conn:
+    with psycopg.connect(psycopg_url(plan.database_url)) as conn:
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
     return None if row is None else ServerCpu.of_backend(int(row[0]))
 
@@ -302,7 +306,7 @@ def publish(plan: Plan) -> dict[str, Any]:
     last_day = plan.end_date - timedelta(days=1)
     admin = plan.database_url.rpartition("/")[0]
     database = plan.database_url.rpartition("/")[2] + "_publish"
-    pg_admin = admin.replace("postgresql+psycopg://", "postgresql://", 1) + "/postgres"
+    pg_admin = psycopg_url(admin) + "/postgres"
     with psycopg.connect(pg_admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{database}"')
     cases: list[dict[str, Any]] = []
@@ -428,8 +432,7 @@ def baseline(plan: Plan) -> dict[str, Any]:
     """For each of a sample of recent sessions, recompute its tutor's three windows with one
     COUNT query each against the serving store (the original system's per-session work); then
     (untimed) compare with the published snapshot."""
-    url = plan.database_url.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(url, autocommit=True) as conn:
+    with psycopg.connect(psycopg_url(plan.database_url), autocommit=True) as conn:
         row = conn.execute("SELECT max(as_of) FROM tutor_scores").fetchone()
         assert row is not None and isinstance(row[0], datetime)
         as_of: datetime = row[0]
@@ -571,6 +574,7 @@ def tick(plan: Plan) -> dict[str, Any]:
     # The previous hour's publish, as a deployed instance remembers it (the store mark and the
     # newest load it included, in its materialization): untimed, it writes nothing new.
     instance = dg.DagsterInstance.ephemeral()
+    server = _server_cpu(plan)
     previous, previous_seconds, _ = _materialize([tutor_scores], quiet, instance=instance)
     write_hourly_drop(settings.landing_dir, _tutor_ids(plan), as_of, plan.seed)
     before = _eml(settings.outbox_dir)
@@ -591,10 +595,10 @@ def tick(plan: Plan) -> dict[str, Any]:
             **quiet,
         },
         instance=instance,
-        server=_server_cpu(plan),
+        server=server,
     )
     emails = sorted(set(_eml(settings.outbox_dir)) - set(before))
-    site, site_seconds, site_steps = _materialize([dashboard_site], quiet, server=_server_cpu(plan))
+    site, site_seconds, site_steps = _materialize([dashboard_site], quiet, server=server)
     return {
         "success": result.success and site.success,
         "as_of": as_of.isoformat(),
