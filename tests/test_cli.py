@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from test_pipeline import T, build_drops
+from test_store_migrations import revisions
 
 from tutor_scoring_dagster.config import Settings
 from tutor_scoring_dagster.defs.jobs import run_pipeline
+from tutor_scoring_dagster.store import migrate
 
 
 def cli(home: Settings, *args: str, extra_env: dict[str, str] | None = None):
@@ -24,6 +26,11 @@ def cli(home: Settings, *args: str, extra_env: dict[str, str] | None = None):
     return subprocess.run(
         [script, *args], capture_output=True, text=True, env=env, timeout=120, check=False
     )
+
+
+def checks(lines: str) -> dict[str, dict[str, object]]:
+    """``health --json``'s checks by name."""
+    return {c["name"]: c for c in map(json.loads, lines.splitlines())}
 
 
 @pytest.fixture
@@ -82,6 +89,10 @@ def test_tutors_lists_filters_sorts_and_pages(scored: Settings) -> None:
         (("tutors", "--limit", "-1"), "must not be negative"),
         (("tutors", "--order", "up"), "invalid choice"),
         (("tutor", "A", "--history-days", "0"), "must be at least 1"),
+        # It would be published as the current snapshot.
+        (("run", "--as-of", "2999-01-01T00:00:00Z"), "--as-of 2999-01-01T00:00:00+00:00 is in"),
+        (("db", "downgrade", "9999"), "db downgrade: Can't locate revision identified by '9999'"),
+        (("db", "upgrade", "9999"), "db upgrade: Can't locate revision identified by '9999'"),
     ],
 )
 def test_bad_values_are_one_line_and_exit_2(
@@ -135,6 +146,44 @@ def test_health_reports_each_part_and_fails_when_one_is_wrong(scored: Settings) 
     bad_email = cli(scored, "health", extra_env={"EMAIL_SERVICE": "pigeon"})
     assert bad_email.returncode == 1
     assert "BAD  email" in bad_email.stdout and "EMAIL_SERVICE" in bad_email.stdout
+    # Read by the runs that send reports, which it would fail.
+    bad_report = cli(scored, "health", extra_env={"TUTOR_ALERTS": "ture"})
+    assert bad_report.returncode == 1
+    assert "BAD  email             TUTOR_ALERTS must be true or false, got 'ture'" in (
+        bad_report.stdout
+    )
+
+
+def test_a_store_at_another_migration_is_one_line_saying_what_to_do(scored: Settings) -> None:
+    """Code upgraded before its store, or a store migrated by newer code: readers and `db`
+    say so, rather than fail on a missing column or call the store unreachable."""
+    engine = sa.create_engine(scored.database_url)
+    head = migrate.head_revision()
+    try:
+        migrate.downgrade(engine, revisions()[-2])
+        for command in (["tutors"], ["tutor", "A"]):
+            done = cli(scored, *command)
+            assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+            assert f"but this code needs {head}; run `tutor-scoring db upgrade`" in done.stderr
+        health = checks(cli(scored, "health", "--json").stdout)
+        assert not health["serving_store"]["ok"]
+        assert "run `tutor-scoring db upgrade`" in health["serving_store"]["detail"]
+        assert not health["snapshot"]["ok"]
+        assert cli(scored, "db", "upgrade").returncode == 0
+        assert cli(scored, "tutors").returncode == 0
+
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099_future'"))
+        for command in (["tutors"], ["db", "upgrade"], ["db", "downgrade", head]):
+            done = cli(scored, *command)
+            assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+            assert "at migration 0099_future, which this code does not know" in done.stderr
+        health = checks(cli(scored, "health", "--json").stdout)
+        assert "which this code does not know" in health["serving_store"]["detail"]
+        current = cli(scored, "db", "current")
+        assert current.returncode == 0 and "at revision 0099_future" in current.stdout
+    finally:
+        engine.dispose()
 
 
 def test_store_problems_are_one_line(home: Settings) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -100,3 +101,21 @@ def test_a_schema_ahead_of_the_code_fails_with_its_one_line(pg_url: str) -> None
         failure.description or ""
     )
     assert not failure.allow_retries
+
+
+def test_a_missing_column_is_an_older_schema_not_an_unreachable_server(tmp_path: Path) -> None:
+    """SQLite reports a column a store at an older migration lacks as an OperationalError,
+    which is otherwise how an unreachable server shows."""
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE tutor_scores (tutor_id TEXT)"))
+        with pytest.raises(sa.exc.OperationalError) as caught, engine.connect() as conn:
+            conn.execute(sa.text("SELECT risk_tier FROM tutor_scores"))
+    finally:
+        engine.dispose()
+    problem = explain(caught.value, url)
+    assert problem.message.startswith(f"the serving store at {url} lacks a column this code reads")
+    assert problem.message.endswith("run `tutor-scoring db upgrade`")
+    assert "server" not in problem.message and not problem.retryable

@@ -206,6 +206,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from tutor_scoring_dagster.defs.jobs import run_pipeline
 
+    if args.as_of is not None and args.as_of > datetime.now(UTC):
+        # It would be published as the current snapshot, of sessions that have not happened.
+        raise ValueError(f"--as-of {args.as_of.isoformat()} is in the future")
     summary = run_pipeline(as_of=args.as_of, history_days=args.history_days)
     print(summary.render())
     return 0 if summary.success else 1
@@ -262,24 +265,34 @@ def _redact(url: str) -> str:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
+    from alembic.util import CommandError
+
     from tutor_scoring_dagster.config import load_settings
     from tutor_scoring_dagster.store import migrate
-    from tutor_scoring_dagster.store.errors import missing_sqlite_file
+    from tutor_scoring_dagster.store.errors import SchemaAheadError, missing_sqlite_file
     from tutor_scoring_dagster.store.publish import create_store_engine
 
     url = load_settings().database_url
     missing = missing_sqlite_file(url)
     if missing is not None and args.action != "upgrade":  # upgrade makes the store
         raise StoreUnavailable(missing)
+    if args.action == "downgrade" and not args.revision:
+        print("tutor-scoring db downgrade needs a revision (or 'base')", file=sys.stderr)
+        return EXIT_USAGE
     engine = create_store_engine(url)
     try:
-        if args.action == "upgrade":
-            migrate.upgrade(engine, args.revision or "head")
-        elif args.action == "downgrade":
-            if not args.revision:
-                print("tutor-scoring db downgrade needs a revision (or 'base')", file=sys.stderr)
-                return EXIT_USAGE
-            migrate.downgrade(engine, args.revision)
+        if args.action != "current":
+            # A store migrated by newer code: this code has no script to move it either way.
+            problem = migrate.readable_problem(engine)
+            if isinstance(problem, SchemaAheadError):
+                raise StoreUnavailable(str(problem))
+        try:
+            if args.action == "upgrade":
+                migrate.upgrade(engine, args.revision or "head")
+            elif args.action == "downgrade":
+                migrate.downgrade(engine, args.revision)
+        except CommandError as exc:  # e.g. a revision this code does not know
+            raise ValueError(f"db {args.action}: {' '.join(str(exc).split())}") from None
         print(
             f"store {_redact(str(engine.url))} at revision "
             f"{migrate.current_revision(engine) or 'none'} (code head {migrate.head_revision()})"
@@ -361,6 +374,7 @@ def _store_call(fn: Any) -> Any:
     import sqlalchemy as sa
 
     from tutor_scoring_dagster.config import load_settings
+    from tutor_scoring_dagster.store import migrate
     from tutor_scoring_dagster.store.errors import explain, missing_sqlite_file
     from tutor_scoring_dagster.store.publish import create_store_engine
 
@@ -371,6 +385,11 @@ def _store_call(fn: Any) -> Any:
     engine = None
     try:
         engine = create_store_engine(url)
+        # Read the store only at this code's migration: an older store lacks columns, and a
+        # newer one may mean something else by them.
+        problem = migrate.readable_problem(engine)
+        if problem is not None:
+            raise StoreUnavailable(str(problem))
         return fn(engine)
     except sa.exc.SQLAlchemyError as exc:
         raise StoreUnavailable(explain(exc, url).message) from None

@@ -15,6 +15,7 @@ from tutor_scoring_dagster import warehouse
 from tutor_scoring_dagster.config import Settings
 from tutor_scoring_dagster.delivery import sender_from_settings
 from tutor_scoring_dagster.ingest import list_landing
+from tutor_scoring_dagster.reports import ReportSettings
 from tutor_scoring_dagster.scoring import as_utc
 from tutor_scoring_dagster.store import migrate
 from tutor_scoring_dagster.store.errors import explain, missing_sqlite_file, safe_url
@@ -91,15 +92,12 @@ def check_store(settings: Settings, now: datetime) -> list[Check]:
     engine = create_store_engine(url)
     try:
         current = migrate.current_revision(engine)
-        head = migrate.head_revision()
-        if current != head:
-            store = Check(
-                "serving_store",
-                False,
-                f"{safe_url(url)} is at migration {current or 'none'}, the code at {head}: "
-                "run `tutor-scoring db upgrade`",
-            )
-            return [store]
+        problem = migrate.schema_problem(current, url)
+        if problem is not None:
+            return [
+                Check("serving_store", False, str(problem)),
+                Check("snapshot", False, "not read: the store's schema is not this code's"),
+            ]
         store = Check("serving_store", True, f"{safe_url(url)} at migration {current}")
         with engine.connect() as conn:
             as_of = conn.execute(sa.select(sa.func.max(tutor_scores.c.as_of))).scalar()
@@ -122,6 +120,7 @@ def check_email(settings: Settings) -> Check:
     """The email backend is configured well enough to build a sender."""
     try:
         sender = sender_from_settings(settings)
+        ReportSettings.from_env()  # what the runs that send reports read, and fail on
     except ValueError as exc:
         return Check("email", False, str(exc))
     if not settings.admin_emails:

@@ -14,6 +14,7 @@ UPGRADE_HINT: Final = "run `tutor-scoring db upgrade`"
 BAD_CREDENTIALS: Final = ("password authentication failed", "no password supplied")
 _UNKNOWN_ROLE: Final = re.compile(r'role ".*" does not exist')
 _NO_TABLE: Final = re.compile(r'no such table|relation ".*" does not exist')
+_NO_COLUMN: Final = re.compile(r"no such column|column \S+ does not exist")
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,13 @@ def explain(exc: BaseException, url: str | sa.URL) -> StoreProblem:
         return StoreProblem(
             f"the serving store at {where} lacks a table this code reads ({text[:120]}): run "
             "the pipeline once, or `tutor-scoring db upgrade`",
+            retryable=False,
+        )
+    if _NO_COLUMN.search(lowered):
+        # A store at an older migration than this code (its tables are there).
+        return StoreProblem(
+            f"the serving store at {where} lacks a column this code reads ({text[:120]}): "
+            f"its schema is older than this code; {UPGRADE_HINT}",
             retryable=False,
         )
     if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | ConnectionError):

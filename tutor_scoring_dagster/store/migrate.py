@@ -86,8 +86,11 @@ def downgrade(engine: Engine, revision: str) -> None:
         command.downgrade(alembic_config(conn), revision)
 
 
-def schema_problem(current: str | None, url: str | sa.URL) -> StoreSchemaError | None:
-    """None when a store at migration ``current`` fits this code; else what is wrong with it."""
+def schema_problem(
+    current: str | None, url: str | sa.URL, *, upgrades_off: bool = False
+) -> StoreSchemaError | None:
+    """None when a store at migration ``current`` fits this code; else what is wrong with it
+    (``upgrades_off``: the caller would have upgraded a store behind, but may not)."""
     head = head_revision()
     if current == head:
         return None
@@ -98,10 +101,18 @@ def schema_problem(current: str | None, url: str | sa.URL) -> StoreSchemaError |
             f"know (its newest is {head}): a newer version migrated it; deploy that version, or "
             f"downgrade the store with it (`tutor-scoring db downgrade {head}`)"
         )
+    off = ", and automatic upgrades are off" if upgrades_off else ""
     return SchemaBehindError(
         f"the serving store at {where} is at migration {current or 'none (empty)'} but this "
-        f"code needs {head}, and automatic upgrades are off; {UPGRADE_HINT}"
+        f"code needs {head}{off}; {UPGRADE_HINT}"
     )
+
+
+def readable_problem(engine: Engine) -> StoreSchemaError | None:
+    """None when this code can read the store (or it is empty: the read then names the table
+    it lacks); else a store at an older migration, or at one this code does not know."""
+    current = current_revision(engine)
+    return None if current is None else schema_problem(current, engine.url)
 
 
 def ensure_current(engine: Engine, *, auto_upgrade: bool = True) -> None:
@@ -114,7 +125,7 @@ def ensure_current(engine: Engine, *, auto_upgrade: bool = True) -> None:
         return
     with locked_transaction(engine) as conn:
         # Read again under the lock: another writer may have upgraded while we waited.
-        problem = schema_problem(_revision(conn), engine.url)
+        problem = schema_problem(_revision(conn), engine.url, upgrades_off=not auto_upgrade)
         if problem is None:
             return
         if isinstance(problem, SchemaAheadError) or not auto_upgrade:
