@@ -114,9 +114,11 @@ class DriverParams:
     window_days: int = 30
     """Window of short notice, reason, no-show and reschedule rate: recent enough to act on."""
     trend_recent_days: int = 7
+    """The trend's recent days, whose reschedule rate is compared with the reference's."""
     trend_baseline_days: int = 83
     """The trend's reference: these days before the recent ones (7 + 83 = the 90-day window)."""
     short_notice_hours: float = 24.0
+    """A reschedule made less than this many hours before the session is short notice."""
     lift_floor: float = 0.01
     """References below this count as this in ``lift`` (1 percentage point)."""
 

@@ -77,6 +77,10 @@ daily_scores_schedule = dg.build_schedule_from_partitioned_job(
 )
 
 
+def _minutes(value: float | None) -> str:
+    return "n/a (nothing delivered in the last day)" if value is None else f"{value} min"
+
+
 @dataclass
 class RunSummary:
     """What one run of the whole pipeline did, for people."""
@@ -119,8 +123,8 @@ class RunSummary:
             f"  high-risk tutors:  {self.value('tutor_scores_current', 'high_risk_rows')}",
             f"  emails sent:       {self.value('email_reports', 'emails_sent')}",
             "  email latency p95: "
-            f"{self.value('email_reports', 'latency_p95_minutes_last_day', 'n/a')} min"
-            " (session to delivery, last day)",
+            + _minutes(self.value("email_reports", "latency_p95_minutes_last_day", None))
+            + " (session to delivery, last day)",
         ]
         missing = self.value("landing_drops", LANDING_FOLDER_MISSING, None)
         if missing is not None:
