@@ -186,6 +186,21 @@ def test_a_store_at_another_migration_is_one_line_saying_what_to_do(scored: Sett
         engine.dispose()
 
 
+def test_db_on_a_store_out_of_reach_is_one_line(home: Settings) -> None:
+    unreachable = {"DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:1/none"}
+    for command in (["db", "current"], ["db", "upgrade"]):
+        done = cli(home, *command, extra_env=unreachable)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert "cannot reach the serving store at" in done.stderr
+    health = checks(cli(home, "health", "--json", extra_env=unreachable).stdout)
+    assert not health["serving_store"]["ok"] and not health["snapshot"]["ok"]
+    # An upgrade to a revision this code does not know creates no store.
+    store = Path(str(sa.make_url(home.database_url).database))
+    done = cli(home, "db", "upgrade", "9999")
+    assert done.returncode == 2 and "Can't locate revision" in done.stderr
+    assert not store.exists()
+
+
 def test_store_problems_are_one_line(home: Settings) -> None:
     done = cli(home, "tutors", extra_env={"DATABASE_URL": "nosuchdb://x"})
     assert done.returncode == 1

@@ -103,19 +103,39 @@ def test_a_schema_ahead_of_the_code_fails_with_its_one_line(pg_url: str) -> None
     assert not failure.allow_retries
 
 
+def _older_schema_problems(url: str) -> list[str]:
+    """What explain() says of reading and of writing a column that ``url``'s store lacks."""
+    engine = sa.create_engine(url)
+    problems = []
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE tutor_scores (tutor_id TEXT)"))
+        for statement in (
+            "SELECT risk_tier FROM tutor_scores",
+            "INSERT INTO tutor_scores (tutor_id, risk_tier) VALUES ('A', 'ok')",
+        ):
+            with pytest.raises(sa.exc.DBAPIError) as caught, engine.connect() as conn:
+                conn.execute(sa.text(statement))
+            problem = explain(caught.value, url)
+            assert not problem.retryable
+            problems.append(problem.message)
+    finally:
+        engine.dispose()
+    return problems
+
+
 def test_a_missing_column_is_an_older_schema_not_an_unreachable_server(tmp_path: Path) -> None:
     """SQLite reports a column a store at an older migration lacks as an OperationalError,
     which is otherwise how an unreachable server shows."""
     url = f"sqlite:///{tmp_path / 'old.sqlite'}"
-    engine = sa.create_engine(url)
-    try:
-        with engine.begin() as conn:
-            conn.execute(sa.text("CREATE TABLE tutor_scores (tutor_id TEXT)"))
-        with pytest.raises(sa.exc.OperationalError) as caught, engine.connect() as conn:
-            conn.execute(sa.text("SELECT risk_tier FROM tutor_scores"))
-    finally:
-        engine.dispose()
-    problem = explain(caught.value, url)
-    assert problem.message.startswith(f"the serving store at {url} lacks a column this code reads")
-    assert problem.message.endswith("run `tutor-scoring db upgrade`")
-    assert "server" not in problem.message and not problem.retryable
+    for message in _older_schema_problems(url):
+        assert message.startswith(f"the serving store at {url} lacks a column this code reads")
+        assert message.endswith("run `tutor-scoring db upgrade`")
+        assert "server" not in message
+
+
+def test_a_missing_column_on_postgres_is_an_older_schema_not_a_missing_table(pg_url: str) -> None:
+    """Postgres words a write's missing column 'column x of relation y does not exist'."""
+    for message in _older_schema_problems(pg_url):
+        assert "lacks a column this code reads" in message, message
+        assert message.endswith("run `tutor-scoring db upgrade`")

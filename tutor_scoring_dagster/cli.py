@@ -219,6 +219,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tutor_scoring_dagster.defs.jobs import run_pipeline
     from tutor_scoring_dagster.generate import generate_drops
     from tutor_scoring_dagster.scoring import floor_to_hour
+    from tutor_scoring_dagster.store.errors import safe_url
 
     settings = load_settings()
     as_of = floor_to_hour(datetime.now(UTC))
@@ -246,7 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(
             "\nWhere to look:\n"
             f"  warehouse (DuckDB):   {settings.warehouse}\n"
-            f"  serving store:        {_redact(settings.database_url)}\n"
+            f"  serving store:        {safe_url(settings.database_url)}\n"
             f"  emails (outbox):      {settings.outbox_dir}\n"
             f"  archived drops:       {settings.archive_dir}\n"
             f"  dashboard:            {settings.site_dir / 'index.html'}\n"
@@ -255,21 +256,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if summary.success else 1
 
 
-def _redact(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparseable DATABASE_URL>"
-
-
 def cmd_db(args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
     from alembic.util import CommandError
 
     from tutor_scoring_dagster.config import load_settings
     from tutor_scoring_dagster.store import migrate
-    from tutor_scoring_dagster.store.errors import SchemaAheadError, missing_sqlite_file
+    from tutor_scoring_dagster.store.errors import (
+        SchemaAheadError,
+        explain,
+        missing_sqlite_file,
+        safe_url,
+    )
     from tutor_scoring_dagster.store.publish import create_store_engine
 
     url = load_settings().database_url
@@ -294,11 +292,17 @@ def cmd_db(args: argparse.Namespace) -> int:
         except CommandError as exc:  # e.g. a revision this code does not know
             raise ValueError(f"db {args.action}: {' '.join(str(exc).split())}") from None
         print(
-            f"store {_redact(str(engine.url))} at revision "
+            f"store {safe_url(engine.url)} at revision "
             f"{migrate.current_revision(engine) or 'none'} (code head {migrate.head_revision()})"
         )
+    except sa.exc.SQLAlchemyError as exc:
+        raise StoreUnavailable(explain(exc, url).message) from None
     finally:
         engine.dispose()
+        if missing is not None:  # a failed upgrade leaves no empty SQLite file behind
+            created = Path(str(sa.make_url(url).database))
+            if created.exists() and created.stat().st_size == 0:
+                created.unlink()
     return 0
 
 

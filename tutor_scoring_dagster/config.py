@@ -62,7 +62,9 @@ def _tuned_settings() -> tuple[Setting, ...]:
         for f in dataclasses.fields(cls):
             if f.name in SHARED_FIELDS:
                 continue
-            help_text = docs.get(f.name, f"{cls.__name__}.{f.name}.")
+            if f.name not in docs:  # the README's table describes each setting by it
+                raise TypeError(f"{cls.__name__}.{f.name} needs a docstring")
+            help_text = docs[f.name]
             settings.append(Setting(f"{prefix}{f.name.upper()}", str(f.default), help_text))
     return tuple(settings)
 

@@ -83,26 +83,31 @@ def _when(instant: object) -> str:
     return f"{as_utc(instant):%Y-%m-%d %H:%M} UTC"
 
 
+def _store_unusable(detail: str) -> list[Check]:
+    """The store's check failed: the snapshot's (always listed) was not read."""
+    return [
+        Check("serving_store", False, detail),
+        Check("snapshot", False, "not read: the serving store is not usable (above)"),
+    ]
+
+
 def check_store(settings: Settings, now: datetime) -> list[Check]:
     """The serving store answers, is migrated to this code's head, and its snapshot is fresh."""
     url = settings.database_url
     missing = missing_sqlite_file(url)
     if missing is not None:
-        return [Check("serving_store", False, missing)]
+        return _store_unusable(missing)
     engine = create_store_engine(url)
     try:
         current = migrate.current_revision(engine)
         problem = migrate.schema_problem(current, url)
         if problem is not None:
-            return [
-                Check("serving_store", False, str(problem)),
-                Check("snapshot", False, "not read: the store's schema is not this code's"),
-            ]
+            return _store_unusable(str(problem))
         store = Check("serving_store", True, f"{safe_url(url)} at migration {current}")
         with engine.connect() as conn:
             as_of = conn.execute(sa.select(sa.func.max(tutor_scores.c.as_of))).scalar()
     except sa.exc.SQLAlchemyError as exc:
-        return [Check("serving_store", False, explain(exc, url).message)]
+        return _store_unusable(explain(exc, url).message)
     finally:
         engine.dispose()
     if as_of is None:

@@ -78,7 +78,7 @@ daily_scores_schedule = dg.build_schedule_from_partitioned_job(
 
 
 def _minutes(value: float | None) -> str:
-    return "n/a (nothing delivered in the last day)" if value is None else f"{value} min"
+    return "n/a (no delivery recorded)" if value is None else f"{value} min"
 
 
 @dataclass

@@ -14,7 +14,9 @@ UPGRADE_HINT: Final = "run `tutor-scoring db upgrade`"
 BAD_CREDENTIALS: Final = ("password authentication failed", "no password supplied")
 _UNKNOWN_ROLE: Final = re.compile(r'role ".*" does not exist')
 _NO_TABLE: Final = re.compile(r'no such table|relation ".*" does not exist')
-_NO_COLUMN: Final = re.compile(r"no such column|column \S+ does not exist")
+_NO_COLUMN: Final = re.compile(
+    r"no such column|has no column named|column \S+ (of relation \S+ )?does not exist"
+)
 
 
 @dataclass(frozen=True)
@@ -104,17 +106,18 @@ def explain(exc: BaseException, url: str | sa.URL) -> StoreProblem:
             f"the SQLite file of {where} stayed locked by another writer; retry once it is done",
             retryable=True,
         )
+    if _NO_COLUMN.search(lowered):
+        # A store at an older migration than this code (its tables are there); before
+        # the tables' pattern, which Postgres's "column x of relation y" would match.
+        return StoreProblem(
+            f"the serving store at {where} lacks a column this code reads ({text[:120]}): "
+            f"its schema is older than this code; {UPGRADE_HINT}",
+            retryable=False,
+        )
     if _NO_TABLE.search(lowered):
         return StoreProblem(
             f"the serving store at {where} lacks a table this code reads ({text[:120]}): run "
             "the pipeline once, or `tutor-scoring db upgrade`",
-            retryable=False,
-        )
-    if _NO_COLUMN.search(lowered):
-        # A store at an older migration than this code (its tables are there).
-        return StoreProblem(
-            f"the serving store at {where} lacks a column this code reads ({text[:120]}): "
-            f"its schema is older than this code; {UPGRADE_HINT}",
             retryable=False,
         )
     if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | ConnectionError):
