@@ -257,6 +257,12 @@ def test_audit_findings_do_not_depend_on_row_order(generated: Path) -> None:
             found = {f.name: f.failures.height for f in in_order}
             assert found["one_row_per_tutor_per_snapshot"] == extra.height
             assert found["counts_reconcile_with_sessions"] == 1
+            contract = next(f for f in in_order if f.name == "rates_consistent_with_counts")
+            tampered_row = tampered.row(100, named=True)
+            # The rate no longer matches its count: the finding names the row to look at.
+            assert (tampered_row["tutor_id"], tampered_row["as_of"]) in set(
+                contract.failures.select("first_tutor_id", "first_as_of").iter_rows()
+            ), contract.failures
             mismatch = next(f for f in in_order if f.name == "counts_reconcile_with_sessions")
             row = mismatch.failures.row(0, named=True)
             assert row["no_shows_90d_scored"] == row["no_shows_90d"] + 1

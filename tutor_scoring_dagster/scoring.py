@@ -412,6 +412,8 @@ AUDITS: Final = {
 """Checks of a published score snapshot (:func:`audit_scores`): name -> what it asserts."""
 
 KEYS: Final = ["tutor_id", "as_of"]
+FIRST: Final = ["as_of", "tutor_id"]
+"""Snapshot order: which of a check's offending rows its finding names first."""
 WINDOW_COUNTS: Final = [f"{name}_{w}d" for w in WINDOWS_DAYS for name in COUNTS.values()]
 """The windowed counts of a score row, in the order of its columns."""
 MICROS_PER_DAY: Final = 86_400_000_000
@@ -581,7 +583,16 @@ def audit_score_parts(
         if len(parts) > 1 and name == "rates_consistent_with_counts":
             failures = (
                 failures.group_by("check", "column")
-                .agg(pl.col("rows").sum().cast(pl.UInt32))
+                .agg(
+                    pl.col("rows").sum().cast(pl.UInt32),
+                    # The first of the chunks' firsts is the first of all.
+                    *(
+                        pl.col(f"first_{key}")
+                        .sort_by([f"first_{k}" for k in FIRST], nulls_last=True)
+                        .first()
+                        for key in KEYS
+                    ),
+                )
                 .sort("check", "column")
             )
         elif len(parts) > 1 and name == COUNTS_AUDIT:
@@ -627,7 +638,25 @@ def _strictly_sorted(scores: pl.DataFrame) -> bool:
 def _contract_failures(scores: pl.DataFrame) -> pl.DataFrame:
     """Rows breaking the TutorScores (and, once assessed, TutorRiskTiers) contract, per check
     and column."""
-    broken = [pl.DataFrame(schema={"check": pl.String, "column": pl.String, "rows": pl.UInt32})]
+    # Each failure names its first offending row (tutor and snapshot) when it has one, so a
+    # check's page says where to look without opening the warehouse.
+    as_of = scores.schema.get("as_of", pl.Datetime("us", "UTC"))
+    broken = [
+        pl.DataFrame(
+            schema={
+                "check": pl.String,
+                "column": pl.String,
+                "rows": pl.UInt32,
+                "first_tutor_id": pl.String,
+                "first_as_of": as_of,
+            }
+        )
+    ]
+    located = (
+        scores.select(KEYS).with_row_index("index")
+        if set(KEYS) <= set(scores.columns)
+        else pl.DataFrame(schema={"index": pl.UInt32, "tutor_id": pl.String, "as_of": as_of})
+    )
     # A stored row is its scores then its risk tier (schemas.score_row_schema): both contracts.
     # Rows scored but not yet assessed (scoring.py alone, without assessment.py) carry none of
     # the tier columns; a row with some of them must have them all.
@@ -637,10 +666,18 @@ def _contract_failures(scores: pl.DataFrame) -> pl.DataFrame:
         try:
             model.validate(scores.select(list(model.to_schema().columns)), lazy=True)
         except pa.errors.SchemaErrors as exc:
+            # First in snapshot order, not row order: findings do not depend on row order.
             broken.append(
-                exc.failure_cases.group_by(
-                    pl.col("check").cast(pl.String), pl.col("column").cast(pl.String)
-                ).len("rows")
+                exc.failure_cases.with_columns(pl.col("index").cast(pl.UInt32))
+                .join(located, on="index", how="left")
+                .group_by(pl.col("check").cast(pl.String), pl.col("column").cast(pl.String))
+                .agg(
+                    pl.len().cast(pl.UInt32).alias("rows"),
+                    *(
+                        pl.col(key).sort_by(FIRST, nulls_last=True).first().alias(f"first_{key}")
+                        for key in KEYS
+                    ),
+                )
             )
         except pl.exceptions.ColumnNotFoundError as exc:
             missing = str(exc).splitlines()[0]
@@ -650,6 +687,8 @@ def _contract_failures(scores: pl.DataFrame) -> pl.DataFrame:
                         "check": ["column_in_dataframe"],
                         "column": [missing],
                         "rows": [scores.height],
+                        "first_tutor_id": [None],
+                        "first_as_of": [None],
                     },
                     schema=broken[0].schema,
                 )
