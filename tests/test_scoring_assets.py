@@ -38,6 +38,7 @@ from tutor_scoring_dagster.defs.scores import assets as score_assets
 from tutor_scoring_dagster.defs.scores import checks as score_checks
 from tutor_scoring_dagster.defs.scores.assets import (
     LOADS_THROUGH,
+    ScoreTally,
     score_metadata,
     tutor_daily_activity,
     tutor_scores_current,
@@ -833,3 +834,30 @@ def test_the_history_frees_the_warehouse_before_the_store_has_taken_it(
     assert runs and runs[0].success
     tutors = table(wh, "tutor_scores_daily").get_column("tutor_id").n_unique()
     assert len(stored_history(pg_url)) == 5 * tutors
+
+
+def test_a_range_lists_each_top_risk_tutor_once_at_their_highest() -> None:
+    """A range run's page listed one tutor once per day of the range, without the day."""
+    days = [datetime(2024, 5, d, tzinfo=UTC) for d in (10, 11, 12)]
+    rows = pl.DataFrame(
+        {
+            "tutor_id": ["A", "A", "A", "B", "B", "C"],
+            "as_of": [*days, days[0], days[2], days[1]],
+            "is_high_risk": [True, True, True, True, True, False],
+            "reschedule_rate_7d": [0.2] * 6,
+            "reschedule_rate_30d": [0.30, 0.40, 0.35, 0.20, 0.25, 0.9],
+            "reschedule_rate_90d": [0.2] * 6,
+            "total_sessions_30d": [10] * 6,
+            "risk_tier": ["high"] * 6,
+            "newly_flagged": [False] * 6,
+        }
+    )
+    tally = ScoreTally()
+    tally.add(rows.head(3))  # stored a part at a time, as a backfill does
+    tally.add(rows.tail(3))
+    table = tally.metadata()["top_risks"].value
+    assert isinstance(table, str)
+    assert table.splitlines()[2:] == [
+        "| A | 2024-05-11 00:00 | 20% | 40% | 20% | 10 |",
+        "| B | 2024-05-12 00:00 | 20% | 25% | 20% | 10 |",
+    ]

@@ -38,20 +38,27 @@ LOADS_THROUGH: Final = "loads_through"
 
 
 def _top_risk_rows(scores: pl.DataFrame) -> pl.DataFrame:
-    high = scores.filter(pl.col("is_high_risk")).sort("reschedule_rate_30d", descending=True)
-    return high.head(TOP_RISKS)
+    """The high-risk tutors with the highest 30-day reschedule rates, each once (on a range of
+    days, at their highest: a range run would otherwise list one tutor once per day)."""
+    high = scores.filter(pl.col("is_high_risk")).sort(
+        "reschedule_rate_30d", "as_of", "tutor_id", descending=[True, False, False]
+    )
+    return high.unique("tutor_id", keep="first", maintain_order=True).head(TOP_RISKS)
 
 
 def _top_risks(high: pl.DataFrame) -> str:
     if high.height == 0:
         return "No high-risk tutors."
-    lines = ["| tutor | 7d | 30d | 90d | sessions 30d |", "|---|---|---|---|---|"]
+    lines = ["| tutor | as of | 7d | 30d | 90d | sessions 30d |", "|---|---|---|---|---|---|"]
     for r in high.iter_rows(named=True):
         rates = [
             "-" if r[f"reschedule_rate_{w}d"] is None else f"{r[f'reschedule_rate_{w}d']:.0%}"
             for w in (7, 30, 90)
         ]
-        lines.append(f"| {r['tutor_id']} | {' | '.join(rates)} | {r['total_sessions_30d']} |")
+        lines.append(
+            f"| {r['tutor_id']} | {r['as_of']:%Y-%m-%d %H:%M} | {' | '.join(rates)} "
+            f"| {r['total_sessions_30d']} |"
+        )
     return "\n".join(lines)
 
 
