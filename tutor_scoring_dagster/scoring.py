@@ -652,11 +652,6 @@ def _contract_failures(scores: pl.DataFrame) -> pl.DataFrame:
             }
         )
     ]
-    located = (
-        scores.select(KEYS).with_row_index("index")
-        if set(KEYS) <= set(scores.columns)
-        else pl.DataFrame(schema={"index": pl.UInt32, "tutor_id": pl.String, "as_of": as_of})
-    )
     # A stored row is its scores then its risk tier (schemas.score_row_schema): both contracts.
     # Rows scored but not yet assessed (scoring.py alone, without assessment.py) carry none of
     # the tier columns; a row with some of them must have them all.
@@ -666,7 +661,9 @@ def _contract_failures(scores: pl.DataFrame) -> pl.DataFrame:
         try:
             model.validate(scores.select(list(model.to_schema().columns)), lazy=True)
         except pa.errors.SchemaErrors as exc:
-            # First in snapshot order, not row order: findings do not depend on row order.
+            # Only a failing frame is located (the select above found its keys). First in
+            # snapshot order, not row order: findings do not depend on row order.
+            located = scores.select(KEYS).with_row_index("index")
             broken.append(
                 exc.failure_cases.with_columns(pl.col("index").cast(pl.UInt32))
                 .join(located, on="index", how="left")
