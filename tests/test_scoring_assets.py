@@ -27,6 +27,7 @@ from drops import HandDrop, one_file_per_entity
 from tutor_scoring_dagster import assessment, scoring, warehouse
 from tutor_scoring_dagster.assessment import Assessment, reach_days
 from tutor_scoring_dagster.config import Settings
+from tutor_scoring_dagster.definitions import defs
 from tutor_scoring_dagster.defs.partitions import daily_partitions
 from tutor_scoring_dagster.defs.publish.assets import tutor_score_history
 from tutor_scoring_dagster.defs.resources import (
@@ -48,6 +49,10 @@ from tutor_scoring_dagster.defs.scores.checks import (
     SCORE_CHECKS,
     tutor_scores_current_checks,
     tutor_scores_daily_checks,
+)
+from tutor_scoring_dagster.defs.scores.freshness import (
+    yesterday_partition_freshness,
+    yesterday_partition_freshness_sensor,
 )
 from tutor_scoring_dagster.defs.scores.sensors import late_data_sensor
 from tutor_scoring_dagster.generate import generate_drops
@@ -861,3 +866,68 @@ def test_a_range_lists_each_top_risk_tutor_once_at_their_highest() -> None:
         "| A | 2024-05-11 00:00 | 20% | 40% | 20% | 10 |",
         "| B | 2024-05-12 00:00 | 20% | 25% | 20% | 10 |",
     ]
+
+
+def due_partition(now: datetime) -> str:
+    """The daily partition the freshness check expects at ``now``: yesterday's from 01:30 UTC,
+    the day before's until then."""
+    deadline = now.replace(hour=1, minute=30, second=0, microsecond=0)
+    if now < deadline:
+        deadline -= timedelta(days=1)
+    return (deadline.date() - timedelta(days=1)).isoformat()
+
+
+def test_yesterdays_partition_goes_red_until_a_run_materializes_it(
+    wh: Path, tmp_path: Path
+) -> None:
+    """A backfill of old days used to keep the daily assets green while yesterday's partition
+    was missing. The partition check is red then, names the day it waits for, and turns green
+    in the run that materializes that day."""
+    now = datetime.now(UTC)
+    due = due_partition(now)
+    if due_partition(now + timedelta(minutes=5)) != due:
+        pytest.skip("too close to the 01:30 UTC deadline to tell which day is due")
+    url = f"sqlite:///{tmp_path / 'store.sqlite'}"
+    daily = [*DAILY, tutor_score_history, *yesterday_partition_freshness]
+    with dg.instance_for_test() as instance:
+        # The sensor asks for the checks' first evaluation; nothing has run yet.
+        context = dg.build_sensor_context(instance=instance, definitions=defs)
+        request = yesterday_partition_freshness_sensor(context)
+        assert isinstance(request, dg.RunRequest)
+        assert {k.asset_key.to_user_string() for k in request.asset_check_keys or []} == {
+            "tutor_daily_activity",
+            "tutor_scores_daily",
+            "tutor_score_history",
+        }
+
+        # A backfill of old days: Dagster's freshness policy is satisfied, the check is not.
+        old = range_tags(date(2024, 5, 12), date(2024, 5, 13))
+        backfill = dg.materialize(daily, resources=with_store(wh, url), instance=instance, tags=old)
+        assert backfill.success
+        evaluations = {
+            e.asset_key.to_user_string(): e for e in backfill.get_asset_check_evaluations()
+        }
+        history = evaluations["tutor_score_history"]
+        assert history.check_name == "freshness_check" and not history.passed
+        assert due in (history.description or "")
+        assert not evaluations["tutor_scores_daily"].passed
+
+        # The daily schedule's run of the due day runs the check too, and it passes.
+        daily_run = dg.materialize(
+            daily, resources=with_store(wh, url), instance=instance, partition_key=due
+        )
+        assert daily_run.success
+        fresh = [
+            e for e in daily_run.get_asset_check_evaluations() if e.check_name == "freshness_check"
+        ]
+        assert len(fresh) == 3 and all(e.passed for e in fresh)
+    # The scheduled job selects the check, so a missing day is re-judged by the run that fills it.
+    job = defs.resolve_job_def("daily_scores_job")
+    assert {
+        k.to_user_string()
+        for k in job.asset_layer.asset_graph.asset_check_keys
+        if k.name == "freshness_check"
+    } == {
+        f"{name}:freshness_check"
+        for name in ("tutor_daily_activity", "tutor_scores_daily", "tutor_score_history")
+    }

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from tutor_scoring_dagster.defs.partitions import DAILY_DEADLINE_CRON
+
 # Stakeholders must hear about a risky tutor within an hour: the current snapshot and what is
 # published from it go red in the UI when they are more than an hour old.
 HOURLY_FRESHNESS = dg.FreshnessPolicy.time_window(
@@ -14,9 +16,10 @@ HOURLY_FRESHNESS = dg.FreshnessPolicy.time_window(
 HOURLY_ASSETS = dg.AssetSelection.assets(
     "tutor_scores_current", "tutor_scores", "email_reports", "dashboard_site"
 )
-# Yesterday's daily partition is due by 01:30 UTC (the daily schedule starts at 00:15).
+# Some partition of each daily asset is materialized in the 24 hours before 01:30 UTC (the
+# policy is asset-level; `yesterday_partition_freshness` checks yesterday's partition itself).
 DAILY_FRESHNESS = dg.FreshnessPolicy.cron(
-    deadline_cron="30 1 * * *", lower_bound_delta=timedelta(hours=24), timezone="UTC"
+    deadline_cron=DAILY_DEADLINE_CRON, lower_bound_delta=timedelta(hours=24), timezone="UTC"
 )
 DAILY_ASSETS = dg.AssetSelection.assets(
     "tutor_daily_activity", "tutor_scores_daily", "tutor_score_history"

@@ -24,6 +24,7 @@ from tutor_scoring_dagster.defs.scores.checks import (
     tutor_scores_current_checks,
     tutor_scores_daily_checks,
 )
+from tutor_scoring_dagster.defs.scores.freshness import yesterday_partition_freshness
 from tutor_scoring_dagster.defs.site.assets import dashboard_site
 from tutor_scoring_dagster.scoring import floor_to_hour, snapshot_day
 
@@ -179,7 +180,8 @@ def run_pipeline(
     # Separate runs because a range run tags every asset in it with the range: Dagster would
     # plan each day of the unpartitioned assets too (5 x 1,095 events at 10M, ~7 s).
     daily_ok = days is None or run(
-        [*DAILY_ASSETS, tutor_scores_daily_checks],
+        # The partition check too, so that a run filling yesterday turns it green in the UI.
+        [*DAILY_ASSETS, tutor_scores_daily_checks, *yesterday_partition_freshness],
         tags={
             "dagster/asset_partition_range_start": days[0],
             "dagster/asset_partition_range_end": days[1],

@@ -9,3 +9,6 @@ from tutor_scoring_dagster.config import load_settings
 daily_partitions = dg.DailyPartitionsDefinition(
     start_date=load_settings().start_date, timezone="UTC", end_offset=0
 )
+
+DAILY_DEADLINE_CRON = "30 1 * * *"
+"""Yesterday's partition is due by 01:30 UTC: the daily schedule starts it at 00:15."""
