@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 import socket
 import time
 import traceback
@@ -39,6 +40,7 @@ from tutor_scoring_dagster.delivery import (
 )
 
 KEY = "digest:2026-11-25T10:00Z"
+INSTALLATION = "0123456789abcdef"
 API_KEY = "SG.fakekeyfortests.doNotLeakThis0123456789"
 HTML = (
     '<html><body><h1 style="color: #b00">Tutors at risk</h1><p>Zoë - 3 no-shows</p></body></html>'
@@ -55,6 +57,7 @@ def make_email(key: str = KEY, **overrides: Any) -> OutgoingEmail:
         "text": "Tutors at risk\n\nZoë - 3 no-shows\n",
     }
     fields.update(overrides)
+    fields.setdefault("message_id", message_id_for(fields["idempotency_key"] or "-", INSTALLATION))
     return OutgoingEmail(**fields)
 
 
@@ -67,7 +70,7 @@ def assert_is_the_email(msg: EmailMessage, email: OutgoingEmail) -> None:
     assert msg["Subject"] == email.subject
     assert msg["From"] == email.sender
     assert [a.addr_spec for a in msg["To"].addresses] == list(email.recipients)
-    assert msg["Message-ID"] == message_id_for(email.idempotency_key)
+    assert msg["Message-ID"] == email.message_id
     assert msg[KEY_HEADER] == email.idempotency_key
     assert msg["Date"] is not None
     assert msg.get_content_type() == "multipart/alternative"
@@ -95,11 +98,19 @@ def test_to_mime_round_trips_through_the_email_parser() -> None:
     assert_is_the_email(parse(raw), email)
 
 
-def test_message_id_is_deterministic_per_key() -> None:
-    assert message_id_for(KEY) == message_id_for(KEY)
-    assert message_id_for(KEY) != message_id_for(KEY + "x")
-    assert message_id_for(KEY).endswith("@tutor-scoring.local>")
-    assert to_mime(make_email())["Message-ID"] == to_mime(make_email())["Message-ID"]
+def test_message_id_is_one_per_key_and_deployment() -> None:
+    """A resend keeps its Message-ID; another report, or the same report from another
+    deployment (staging beside production), has another one."""
+    ours = message_id_for(KEY, INSTALLATION)
+    assert ours == message_id_for(KEY, INSTALLATION)
+    assert ours != message_id_for(KEY + "x", INSTALLATION)
+    assert ours != message_id_for(KEY, "fedcba9876543210")
+    assert re.fullmatch(r"<[0-9a-f]{24}\.0123456789abcdef@tutor-scoring\.local>", ours)
+    assert len(f"Message-ID: {ours}") <= 78  # one header line, never folded
+    assert to_mime(make_email())["Message-ID"] == to_mime(make_email())["Message-ID"] == ours
+    for bad in ("", "ABC", "a b", "x" * 33, "a\r\nBcc: victim@example.com"):
+        with pytest.raises(ValueError):
+            message_id_for(KEY, bad)
 
 
 @pytest.mark.parametrize(
@@ -110,6 +121,8 @@ def test_message_id_is_deterministic_per_key() -> None:
         {"recipients": "admin@example.com"},
         {"text": " "},
         {"idempotency_key": ""},
+        {"message_id": " "},
+        {"message_id": "<a@b>\r\nBcc: victim@example.com"},
     ],
 )
 def test_outgoing_email_rejects_unsendable_values(overrides: dict[str, Any]) -> None:
@@ -123,7 +136,7 @@ def test_outgoing_email_rejects_unsendable_values(overrides: dict[str, Any]) -> 
 def test_outbox_writes_a_parseable_eml(tmp_path: Path) -> None:
     sender = OutboxSender(tmp_path / "outbox")
     email = make_email()
-    assert sender.send(email) == message_id_for(KEY)
+    assert sender.send(email) == message_id_for(KEY, INSTALLATION)
     files = list((tmp_path / "outbox").iterdir())
     assert files == [sender.path_for(KEY)]
     assert files[0].suffix == ".eml"
@@ -221,7 +234,7 @@ def smtp_sender(port: int, **kwargs: Any) -> SmtpSender:
 def test_smtp_delivers_both_parts(smtp_server: tuple[Mailbox, int]) -> None:
     mailbox, port = smtp_server
     email = make_email()
-    assert smtp_sender(port).send(email) == message_id_for(KEY)
+    assert smtp_sender(port).send(email) == message_id_for(KEY, INSTALLATION)
     [envelope] = mailbox.envelopes
     assert envelope.mail_from == "reports@example.com"
     assert envelope.rcpt_tos == list(email.recipients)

@@ -172,14 +172,40 @@ def test_smtp_failure_then_recovery_delivers_each_message_once(
     assert mailbox.keys() == [ALERT, DIGEST]  # each exactly once
     for msg in mailbox.messages:
         key = str(msg[KEY_HEADER])
-        assert msg["Message-ID"] == message_id_for(key)
+        assert msg["Message-ID"] == message_id_for(key, ledger.installation_id(store))
         assert msg.get_content_type() == "multipart/alternative"
         html = msg.get_body(("html",))
         assert html is not None and "&lt;b&gt;Co&lt;/b&gt;" in html.get_content()
     for key in (ALERT, DIGEST):
         entry = ledger.get(store, key)
         assert entry is not None and (entry.status, entry.attempts) == ("sent", 2)
-        assert entry.error_message is None and entry.provider_message_id == message_id_for(key)
+        assert entry.error_message is None
+        assert entry.provider_message_id == message_id_for(key, ledger.installation_id(store))
+
+
+def test_two_deployments_sending_one_report_give_it_two_message_ids(
+    store: sa.Engine,
+    home: Settings,
+    smtp: tuple[Mailbox, SmtpSender],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Staging and production, each with its own store, send the same alert and digest to one
+    mailbox: mail services that thread or dedupe by Message-ID must see four messages."""
+    mailbox, sender = smtp
+    now = datetime.now(UTC)
+    assert sorted(tick(store, home, sender, now).sent) == [ALERT, DIGEST]
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'staging.sqlite'}")
+    publish_only(T)
+    staging = create_store_engine(f"sqlite:///{tmp_path / 'staging.sqlite'}")
+    try:
+        assert sorted(tick(staging, home, sender, now).sent) == [ALERT, DIGEST]
+        installations = {ledger.installation_id(store), ledger.installation_id(staging)}
+    finally:
+        staging.dispose()
+    assert len(installations) == 2
+    assert mailbox.keys() == [ALERT, ALERT, DIGEST, DIGEST]
+    assert len({m["Message-ID"] for m in mailbox.messages}) == 4
 
 
 @pytest.mark.parametrize("backend", ["smtp", "outbox"])
@@ -222,7 +248,7 @@ def test_an_unknown_outcome_is_resent_with_the_same_message_id(
         # The receiver got the alert twice, with one Message-ID to dedupe on.
         assert mailbox.keys() == [ALERT, ALERT, DIGEST]
         ids = {m["Message-ID"] for m in mailbox.messages if m[KEY_HEADER] == ALERT}
-        assert ids == {message_id_for(ALERT)}
+        assert ids == {message_id_for(ALERT, ledger.installation_id(store))}
     else:
         # The outbox is idempotent per key: still one file.
         files = sorted(p.name for p in Path(home.outbox_dir).glob("*.eml"))

@@ -4,6 +4,7 @@ behind or ahead of the code is refused with a line that says what to do."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -14,7 +15,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from tutor_scoring_dagster.store import migrate
+from tutor_scoring_dagster.store import ledger, migrate
 from tutor_scoring_dagster.store import tables as t
 from tutor_scoring_dagster.store.errors import SchemaAheadError, SchemaBehindError
 from tutor_scoring_dagster.store.publish import create_store_engine, publish_current
@@ -103,6 +104,10 @@ def test_each_migration_steps_up_and_down_keeping_rows(engine: sa.Engine) -> Non
     with engine.connect() as conn:  # 0003: a row stored before tiers was never judged
         tier = conn.execute(sa.select(t.tutor_scores.c.risk_tier, t.tutor_scores.c.newly_flagged))
         assert tier.one() == ("insufficient_data", False)
+        # 0004: one id for this deployment, which its reports' Message-IDs carry.
+        [(installation, made)] = conn.execute(sa.select(t.installation)).all()
+        assert re.fullmatch(r"[0-9a-f]{16}", installation) and made is not None
+    assert ledger.installation_id(engine) == installation
     for revision in reversed(steps[:-1]):
         migrate.downgrade(engine, revision)
         assert stored() == ("Ann", score["total_sessions_90d"]), revision

@@ -89,6 +89,8 @@ class OutgoingEmail:
     """Already rendered, CSS-inlined HTML."""
     text: str
     """Plain-text alternative of ``html``."""
+    message_id: str
+    """The Message-ID (outbox, SMTP): ``message_id_for(idempotency_key, installation)``."""
 
     def __post_init__(self) -> None:
         if isinstance(self.recipients, str):
@@ -101,11 +103,14 @@ class OutgoingEmail:
             raise ValueError(f"email {self.idempotency_key!r} has no recipients")
         if not self.sender.strip():
             raise ValueError(f"email {self.idempotency_key!r} has no sender")
+        if not self.message_id.strip():
+            raise ValueError(f"email {self.idempotency_key!r} has no Message-ID")
         # Header injection guard: these values all end up in message headers.
         for field, value in (
             ("idempotency_key", self.idempotency_key),
             ("subject", self.subject),
             ("sender", self.sender),
+            ("message_id", self.message_id),
             *(("recipients", r) for r in self.recipients),
         ):
             if _LINE_BREAK.search(value):
@@ -141,14 +146,17 @@ class DeliveryError(Exception):
         return (type(self), (str(self), self.retryable, self.retry_after, self.status))
 
 
-def message_id_for(idempotency_key: str) -> str:
-    """The Message-ID of the message with this key in the outbox and over SMTP.
+def message_id_for(idempotency_key: str, installation_id: str) -> str:
+    """The Message-ID of the message with this key from this deployment, in the outbox and
+    over SMTP: the same for every resend, different for another deployment's message.
 
     SendGrid assigns its own id instead.
     """
-    # 128 bits of the hash: collision-free in practice, and the header stays under 78 chars.
-    digest = hashlib.sha256(idempotency_key.encode("utf-8")).hexdigest()[:32]
-    return f"<{digest}@{MESSAGE_ID_DOMAIN}>"
+    if not re.fullmatch(r"[0-9a-z]{1,32}", installation_id):
+        raise ValueError(f"installation id {installation_id!r} is not 1-32 of [0-9a-z]")
+    # 96 bits of the hash: collision-free in practice, and the header stays under 78 chars.
+    digest = hashlib.sha256(idempotency_key.encode("utf-8")).hexdigest()[:24]
+    return f"<{digest}.{installation_id}@{MESSAGE_ID_DOMAIN}>"
 
 
 def to_mime(email: OutgoingEmail, *, date: datetime | None = None) -> EmailMessage:
@@ -161,7 +169,7 @@ def to_mime(email: OutgoingEmail, *, date: datetime | None = None) -> EmailMessa
     msg["From"] = email.sender
     msg["To"] = ", ".join(email.recipients)
     msg["Date"] = format_datetime(date or datetime.now(UTC))
-    msg["Message-ID"] = message_id_for(email.idempotency_key)
+    msg["Message-ID"] = email.message_id
     msg[KEY_HEADER] = email.idempotency_key
     # Quoted-printable keeps both parts 7-bit clean (no 8BITMIME needed) and readable in .eml
     # files, and folds the very long lines that CSS inlining produces.
@@ -201,10 +209,9 @@ class OutboxSender:
 
     def send(self, email: OutgoingEmail) -> str:
         """Store ``email`` as an .eml file; returns its Message-ID."""
-        message_id = message_id_for(email.idempotency_key)
         path = self.path_for(email.idempotency_key)
         if path.exists():
-            return message_id
+            return email.message_id
         data = to_mime(email).as_bytes()
         try:
             self.outbox_dir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +231,7 @@ class OutboxSender:
                 f"could not write {path}: {exc.strerror or exc}",
                 retryable=not isinstance(exc, PermissionError | IsADirectoryError),
             ) from exc
-        return message_id
+        return email.message_id
 
 
 def _publish_once(tmp: Path, final: Path) -> None:

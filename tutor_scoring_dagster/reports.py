@@ -45,6 +45,7 @@ from tutor_scoring_dagster.delivery import (
     DeliveryError,
     EmailSender,
     OutgoingEmail,
+    message_id_for,
     send_with_retries,
 )
 from tutor_scoring_dagster.paths import REPORTS_DIR, load_sql
@@ -912,6 +913,7 @@ def deliver_due(
     """
     settings = config.settings
     outcome = DeliveryOutcome()
+    installation = ledger.installation_id(engine) if work.reports else ""
     for key, by in work.superseded.items():
         if ledger.supersede(engine, key, by=by, now=now()):
             outcome.closed[key] = f"{ledger.SUPERSEDED} by {by}"
@@ -938,6 +940,7 @@ def deliver_due(
                 recipients=config.recipients,
                 html=report.html,
                 text=report.text,
+                message_id=message_id_for(report.idempotency_key, installation),
             )
         except _Gone as gone:
             ledger.close(engine, claim, reason=str(gone))

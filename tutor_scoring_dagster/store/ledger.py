@@ -27,7 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from tutor_scoring_dagster.store.report_reads import utc
-from tutor_scoring_dagster.store.tables import email_reports
+from tutor_scoring_dagster.store.tables import email_reports, installation
 
 PENDING: Final = "pending"
 SENT: Final = "sent"
@@ -248,6 +248,21 @@ def describe(
             .where((_c.idempotency_key == key) & (_c.status == PENDING))
             .values(**values)
         )
+
+
+def installation_id(engine: Engine) -> str:
+    """This deployment's id (``installation``), which its reports' Message-IDs carry."""
+    with engine.connect() as conn:
+        found = conn.execute(
+            sa.select(installation.c.installation_id).order_by(installation.c.created_at)
+        ).first()
+    if found is None:
+        raise LookupError(
+            "the serving store's installation table is empty (its row is made by migration "
+            "0004): run `tutor-scoring db downgrade 0003` and `tutor-scoring db upgrade` to "
+            "make a new one"
+        )
+    return str(found[0])
 
 
 def mark_sent(engine: Engine, claim: Claim, *, provider_message_id: str, now: datetime) -> None:

@@ -211,3 +211,13 @@ email_reports = sa.Table(
     sa.CheckConstraint(_in("status", EMAIL_STATUSES), name="status"),
     sa.Index(None, "status", "created_at"),
 )
+
+installation = sa.Table(
+    "installation",
+    metadata,
+    sa.Column("installation_id", sa.String(32), primary_key=True),
+    sa.Column("created_at", UtcDateTime, nullable=False),
+)
+"""One row, made by migration 0004: this deployment's id. It is part of every Message-ID the
+deployment writes, so that two deployments sending the same report (staging and production)
+never give their two messages one Message-ID."""

@@ -20,12 +20,12 @@ with warnings.catch_warnings():
         deadline_cron=DAILY_DEADLINE_CRON,
         timezone="UTC",
     )
-"""Red from 01:30 UTC while yesterday's partition has no materialization; a run that
-materializes it (the daily job, a backfill, the late-data sensor's) runs the check again."""
-
-yesterday_partition_freshness_sensor = dg.build_sensor_for_freshness_checks(
-    freshness_checks=yesterday_partition_freshness,
-    name="yesterday_partition_freshness_sensor",
-    minimum_interval_seconds=300,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-)
+    yesterday_partition_freshness_sensor = dg.build_sensor_for_freshness_checks(
+        freshness_checks=yesterday_partition_freshness,
+        name="yesterday_partition_freshness_sensor",
+        minimum_interval_seconds=300,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+    )
+"""The checks are red from 01:30 UTC while yesterday's partition has no materialization; a run
+that materializes it (the daily job, a backfill, the late-data sensor's) runs them again. The
+sensor evaluates them when they can next go overdue."""
