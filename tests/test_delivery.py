@@ -108,7 +108,14 @@ def test_message_id_is_one_per_key_and_deployment() -> None:
     assert re.fullmatch(r"<[0-9a-f]{24}\.0123456789abcdef@tutor-scoring\.local>", ours)
     assert len(f"Message-ID: {ours}") <= 78  # one header line, never folded
     assert to_mime(make_email())["Message-ID"] == to_mime(make_email())["Message-ID"] == ours
-    for bad in ("", "ABC", "a b", "x" * 33, "a\r\nBcc: victim@example.com"):
+    for bad in (
+        "",
+        "ABC",
+        "a b",
+        "0123456789abcde",
+        "0123456789abcdef0",
+        "a\r\nBcc: victim@example.com",
+    ):
         with pytest.raises(ValueError):
             message_id_for(KEY, bad)
 
@@ -131,6 +138,17 @@ def test_outgoing_email_rejects_unsendable_values(overrides: dict[str, Any]) -> 
 
 
 # --- outbox ---------------------------------------------------------------------------------
+
+
+def test_outbox_keeps_the_file_it_wrote_and_reports_its_message_id(tmp_path: Path) -> None:
+    """A key's file, written under another installation id (before migration 0004, or before
+    the store's id was made again), is kept, and its own Message-ID is what the ledger gets."""
+    sender = OutboxSender(tmp_path / "outbox")
+    first = make_email(message_id=message_id_for(KEY, "fedcba9876543210"))
+    assert sender.send(first) == first.message_id
+    assert sender.send(make_email()) == first.message_id
+    [stored] = (tmp_path / "outbox").iterdir()
+    assert parse(stored.read_bytes())["Message-ID"] == first.message_id
 
 
 def test_outbox_writes_a_parseable_eml(tmp_path: Path) -> None:

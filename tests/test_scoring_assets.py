@@ -13,7 +13,7 @@ import threading
 import time
 import types
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from tutor_scoring_dagster import assessment, scoring, warehouse
 from tutor_scoring_dagster.assessment import Assessment, reach_days
 from tutor_scoring_dagster.config import Settings
 from tutor_scoring_dagster.definitions import defs
-from tutor_scoring_dagster.defs.partitions import daily_partitions
+from tutor_scoring_dagster.defs.partitions import daily_partitions, due_day
 from tutor_scoring_dagster.defs.publish.assets import tutor_score_history
 from tutor_scoring_dagster.defs.resources import (
     RiskRuleResource,
@@ -37,6 +37,7 @@ from tutor_scoring_dagster.defs.resources import (
 )
 from tutor_scoring_dagster.defs.scores import assets as score_assets
 from tutor_scoring_dagster.defs.scores import checks as score_checks
+from tutor_scoring_dagster.defs.scores import freshness
 from tutor_scoring_dagster.defs.scores.assets import (
     LOADS_THROUGH,
     ScoreTally,
@@ -51,8 +52,9 @@ from tutor_scoring_dagster.defs.scores.checks import (
     tutor_scores_daily_checks,
 )
 from tutor_scoring_dagster.defs.scores.freshness import (
+    DUE_PARTITION,
+    PARTITION_DUE,
     yesterday_partition_freshness,
-    yesterday_partition_freshness_sensor,
 )
 from tutor_scoring_dagster.defs.scores.sensors import late_data_sensor
 from tutor_scoring_dagster.generate import generate_drops
@@ -868,13 +870,14 @@ def test_a_range_lists_each_top_risk_tutor_once_at_their_highest() -> None:
     ]
 
 
-def due_partition(now: datetime) -> str:
-    """The daily partition the freshness check expects at ``now``: yesterday's from 01:30 UTC,
-    the day before's until then."""
-    deadline = now.replace(hour=1, minute=30, second=0, microsecond=0)
-    if now < deadline:
-        deadline -= timedelta(days=1)
-    return (deadline.date() - timedelta(days=1)).isoformat()
+def test_the_partition_due_is_yesterdays_from_the_deadline_on() -> None:
+    assert due_day(datetime(2026, 12, 7, 1, 29, 59, tzinfo=UTC)) == date(2026, 12, 5)
+    assert due_day(datetime(2026, 12, 7, 1, 30, tzinfo=UTC)) == date(2026, 12, 6)
+    assert due_day(datetime(2026, 12, 7, 23, 59, tzinfo=UTC)) == date(2026, 12, 6)
+    assert due_day(datetime(2026, 12, 8, 0, 15, tzinfo=UTC)) == date(2026, 12, 6)
+    # Another timezone's instant is the same instant.
+    eastern = timezone(timedelta(hours=-5))
+    assert due_day(datetime(2026, 12, 6, 20, 30, tzinfo=eastern)) == date(2026, 12, 6)
 
 
 def test_yesterdays_partition_goes_red_until_a_run_materializes_it(
@@ -884,33 +887,37 @@ def test_yesterdays_partition_goes_red_until_a_run_materializes_it(
     was missing. The partition check is red then, names the day it waits for, and turns green
     in the run that materializes that day."""
     now = datetime.now(UTC)
-    due = due_partition(now)
-    if due_partition(now + timedelta(minutes=5)) != due:
+    due = due_day(now).isoformat()
+    if due_day(now + timedelta(minutes=5)).isoformat() != due:
         pytest.skip("too close to the 01:30 UTC deadline to tell which day is due")
     url = f"sqlite:///{tmp_path / 'store.sqlite'}"
-    daily = [*DAILY, tutor_score_history, *yesterday_partition_freshness]
+    daily = [*DAILY, tutor_score_history, yesterday_partition_freshness]
     with dg.instance_for_test() as instance:
-        # The sensor asks for the checks' first evaluation; nothing has run yet.
-        context = dg.build_sensor_context(instance=instance, definitions=defs)
-        request = yesterday_partition_freshness_sensor(context)
-        assert isinstance(request, dg.RunRequest)
-        assert {k.asset_key.to_user_string() for k in request.asset_check_keys or []} == {
-            "tutor_daily_activity",
-            "tutor_scores_daily",
-            "tutor_score_history",
-        }
-
         # A backfill of old days: Dagster's freshness policy is satisfied, the check is not.
         old = range_tags(date(2024, 5, 12), date(2024, 5, 13))
         backfill = dg.materialize(daily, resources=with_store(wh, url), instance=instance, tags=old)
         assert backfill.success
         evaluations = {
-            e.asset_key.to_user_string(): e for e in backfill.get_asset_check_evaluations()
+            e.asset_key.to_user_string(): e
+            for e in backfill.get_asset_check_evaluations()
+            if e.check_name == PARTITION_DUE
+        }
+        assert set(evaluations) == {
+            "tutor_daily_activity",
+            "tutor_scores_daily",
+            "tutor_score_history",
         }
         history = evaluations["tutor_score_history"]
-        assert history.check_name == "freshness_check" and not history.passed
-        assert due in (history.description or "")
+        assert not history.passed and history.severity == dg.AssetCheckSeverity.ERROR
+        assert f"partition {due} was due by" in (history.description or "")
+        assert history.metadata[DUE_PARTITION].value == due
         assert not evaluations["tutor_scores_daily"].passed
+
+        # The deadline's own run (the schedule's job: the check alone) stays red.
+        job = defs.resolve_job_def("yesterday_partition_freshness_job")
+        alone = job.execute_in_process(instance=instance, resources=with_store(wh, url))
+        assert alone.success
+        assert [e.passed for e in alone.get_asset_check_evaluations()] == [False] * 3
 
         # The daily schedule's run of the due day runs the check too, and it passes.
         daily_run = dg.materialize(
@@ -918,16 +925,36 @@ def test_yesterdays_partition_goes_red_until_a_run_materializes_it(
         )
         assert daily_run.success
         fresh = [
-            e for e in daily_run.get_asset_check_evaluations() if e.check_name == "freshness_check"
+            e for e in daily_run.get_asset_check_evaluations() if e.check_name == PARTITION_DUE
         ]
         assert len(fresh) == 3 and all(e.passed for e in fresh)
-    # The scheduled job selects the check, so a missing day is re-judged by the run that fills it.
-    job = defs.resolve_job_def("daily_scores_job")
+    # The scheduled job selects the check, so a missing day is re-judged by the run that fills
+    # it; the check's own schedule runs it at the deadline.
+    daily_job = defs.resolve_job_def("daily_scores_job")
     assert {
-        k.to_user_string()
-        for k in job.asset_layer.asset_graph.asset_check_keys
-        if k.name == "freshness_check"
-    } == {
-        f"{name}:freshness_check"
-        for name in ("tutor_daily_activity", "tutor_scores_daily", "tutor_score_history")
-    }
+        k.asset_key.to_user_string()
+        for k in daily_job.asset_layer.asset_graph.asset_check_keys
+        if k.name == PARTITION_DUE
+    } == {"tutor_daily_activity", "tutor_scores_daily", "tutor_score_history"}
+    schedule = defs.resolve_schedule_def("yesterday_partition_freshness_job_schedule")
+    assert schedule.cron_schedule == "30 1 * * *"
+
+
+def test_no_partition_is_due_before_the_first_one(
+    wh: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deployment whose first day is today has no partition due: the check passes rather
+    than failing the run (Dagster's own check failed the step there)."""
+    today = datetime.now(UTC).date()
+    monkeypatch.setattr(
+        freshness,
+        "daily_partitions",
+        dg.DailyPartitionsDefinition(start_date=today.isoformat(), timezone="UTC", end_offset=0),
+    )
+    with dg.instance_for_test() as instance:
+        job = defs.resolve_job_def("yesterday_partition_freshness_job")
+        run = job.execute_in_process(instance=instance, resources=with_store(wh, "sqlite://"))
+    assert run.success
+    evaluations = run.get_asset_check_evaluations()
+    assert len(evaluations) == 3 and all(e.passed for e in evaluations)
+    assert all("no partition is due yet" in (e.description or "") for e in evaluations)

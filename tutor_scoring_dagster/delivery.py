@@ -23,7 +23,9 @@ from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email import policy as email_policy
 from email.message import EmailMessage
+from email.parser import BytesHeaderParser
 from email.policy import EmailPolicy
 from email.utils import format_datetime, parsedate_to_datetime
 from pathlib import Path
@@ -152,8 +154,11 @@ def message_id_for(idempotency_key: str, installation_id: str) -> str:
 
     SendGrid assigns its own id instead.
     """
-    if not re.fullmatch(r"[0-9a-z]{1,32}", installation_id):
-        raise ValueError(f"installation id {installation_id!r} is not 1-32 of [0-9a-z]")
+    if not re.fullmatch(r"[0-9a-f]{16}", installation_id):
+        raise ValueError(
+            f"installation id {installation_id!r} is not 16 hex digits (as migration 0004 "
+            "makes them)"
+        )
     # 96 bits of the hash: collision-free in practice, and the header stays under 78 chars.
     digest = hashlib.sha256(idempotency_key.encode("utf-8")).hexdigest()[:24]
     return f"<{digest}.{installation_id}@{MESSAGE_ID_DOMAIN}>"
@@ -211,7 +216,7 @@ class OutboxSender:
         """Store ``email`` as an .eml file; returns its Message-ID."""
         path = self.path_for(email.idempotency_key)
         if path.exists():
-            return email.message_id
+            return _message_id_of(path) or email.message_id
         data = to_mime(email).as_bytes()
         try:
             self.outbox_dir.mkdir(parents=True, exist_ok=True)
@@ -232,6 +237,17 @@ class OutboxSender:
                 retryable=not isinstance(exc, PermissionError | IsADirectoryError),
             ) from exc
         return email.message_id
+
+
+def _message_id_of(path: Path) -> str | None:
+    """The Message-ID of the stored message at ``path`` (written by an earlier attempt, maybe
+    under an older form of the id), so that the ledger records what the file says."""
+    try:
+        with path.open("rb") as fh:
+            found = BytesHeaderParser(policy=email_policy.default).parse(fh)["Message-ID"]
+    except OSError:
+        return None
+    return str(found) if found else None
 
 
 def _publish_once(tmp: Path, final: Path) -> None:

@@ -913,11 +913,13 @@ def deliver_due(
     """
     settings = config.settings
     outcome = DeliveryOutcome()
-    installation = ledger.installation_id(engine) if work.reports else ""
     for key, by in work.superseded.items():
         if ledger.supersede(engine, key, by=by, now=now()):
             outcome.closed[key] = f"{ledger.SUPERSEDED} by {by}"
+    # Read once, before anything is claimed: a store without it fails the run, not each report.
+    installation = ledger.installation_id(engine) if work.reports else ""
     for due in work.reports:
+        message_id = message_id_for(due.key, installation)  # a bad id fails the run here
         claim = ledger.claim(
             engine,
             key=due.key,
@@ -940,7 +942,7 @@ def deliver_due(
                 recipients=config.recipients,
                 html=report.html,
                 text=report.text,
-                message_id=message_id_for(report.idempotency_key, installation),
+                message_id=message_id,
             )
         except _Gone as gone:
             ledger.close(engine, claim, reason=str(gone))

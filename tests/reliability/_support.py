@@ -175,15 +175,21 @@ def warehouse_state(path: Path) -> dict[str, Any]:
 
 
 def store_state(url: str) -> dict[str, Any]:
-    """Every compared serving-store table as a multiset of rows."""
+    """Every compared serving-store table as a multiset of rows. Message-IDs name the store's
+    own installation, which differs between the two stores compared: it reads as ``<own>``."""
     state: dict[str, Any] = {}
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
+            own = conn.execute(sa.text("SELECT installation_id FROM installation")).scalar_one()
             for table, ignored in STORE_IGNORED.items():
                 result = conn.execute(sa.text(f"SELECT * FROM {table}"))
                 columns = list(result.keys())
-                state[table] = _rows(columns, [tuple(r) for r in result], ignored)
+                rows = [
+                    tuple(v.replace(f".{own}@", ".<own>@") if isinstance(v, str) else v for v in r)
+                    for r in result
+                ]
+                state[table] = _rows(columns, rows, ignored)
     finally:
         engine.dispose()
     return state
