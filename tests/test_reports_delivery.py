@@ -232,6 +232,12 @@ def test_an_unknown_outcome_is_resent_with_the_same_message_id(
     monkeypatch.setattr(ledger, "mark_sent", real_mark_sent)
     entry = ledger.get(store, ALERT)
     assert entry is not None and entry.status == "pending"
+    # The claim recorded the Message-ID the message went out with; the store's installation
+    # id is then made again (a restored backup): the resend must still carry the first one.
+    first_id = message_id_for(ALERT, ledger.installation_id(store))
+    assert entry.provider_message_id == first_id
+    with store.begin() as conn:
+        conn.execute(sa.text("UPDATE installation SET installation_id = 'fedcba9876543210'"))
 
     # Within the claim's lease the key is in flight: not touched. The digest goes out.
     soon = tick(store, home, sender, now + timedelta(minutes=5))
@@ -242,17 +248,45 @@ def test_an_unknown_outcome_is_resent_with_the_same_message_id(
     entry = ledger.get(store, ALERT)
     assert entry is not None and (entry.status, entry.attempts) == ("sent", 2)
     assert "possible duplicate" in (entry.error_message or "")
+    assert entry.provider_message_id == first_id
     assert not find_due_work(store, now=now + timedelta(hours=1), settings=ReportSettings())
 
     if backend == "smtp":
         # The receiver got the alert twice, with one Message-ID to dedupe on.
         assert mailbox.keys() == [ALERT, ALERT, DIGEST]
         ids = {m["Message-ID"] for m in mailbox.messages if m[KEY_HEADER] == ALERT}
-        assert ids == {message_id_for(ALERT, ledger.installation_id(store))}
+        assert ids == {first_id}
+        assert "same Message-ID and key header" in (entry.error_message or "")
     else:
         # The outbox is idempotent per key: still one file.
         files = sorted(p.name for p in Path(home.outbox_dir).glob("*.eml"))
         assert len(files) == 2 and files[0].startswith("alert_B_2026-03-01")
+
+
+def test_a_claim_that_recorded_no_message_id_is_not_said_to_keep_one(store: sa.Engine) -> None:
+    """A key claimed by code that recorded no Message-ID (before this ledger kept them) and
+    resent after an unknown outcome: the ledger must not claim both copies shared one."""
+    now = datetime.now(UTC)
+    first = ledger.claim(
+        store, key="k", kind="alert", recipients=["a@x.org"], covers_as_of=None, now=now
+    )
+    assert first is not None and first.entry.provider_message_id is None
+    again = ledger.claim(
+        store,
+        key="k",
+        kind="alert",
+        recipients=["a@x.org"],
+        covers_as_of=None,
+        now=now + timedelta(minutes=11),
+        message_id="<new@tutor-scoring.local>",
+    )
+    assert again is not None and again.outcome_unknown and not again.kept_message_id
+    assert again.entry.provider_message_id == "<new@tutor-scoring.local>"
+    assert "resent with the same key" in (again.entry.error_message or "")
+    ledger.mark_sent(store, again, provider_message_id="<new@tutor-scoring.local>", now=now)
+    entry = ledger.get(store, "k")
+    assert entry is not None and entry.error_message is not None
+    assert entry.error_message.endswith("both carried the same key header")
 
 
 # --- SendGrid ------------------------------------------------------------------------------

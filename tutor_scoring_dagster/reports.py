@@ -929,6 +929,7 @@ def deliver_due(
             now=now(),
             lease=settings.pending_lease,
             max_attempts=settings.max_attempts,
+            message_id=message_id,
         )
         if claim is None:
             outcome.skipped.append(due.key)
@@ -942,7 +943,8 @@ def deliver_due(
                 recipients=config.recipients,
                 html=report.html,
                 text=report.text,
-                message_id=message_id,
+                # The first attempt's, recorded with its claim: a resend keeps it.
+                message_id=claim.entry.provider_message_id or message_id,
             )
         except _Gone as gone:
             ledger.close(engine, claim, reason=str(gone))

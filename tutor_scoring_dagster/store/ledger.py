@@ -78,6 +78,9 @@ class Claim:
     previous_status: str | None
     """None for a new key; ``failed`` for a retry; ``pending`` when the previous attempt's
     outcome is unknown (the message may have gone out: resend it unchanged)."""
+    kept_message_id: bool = True
+    """Whether the Message-ID to send (``entry.provider_message_id``) is the one an earlier
+    attempt recorded (always, unless that attempt was claimed by code that recorded none)."""
 
     @property
     def outcome_unknown(self) -> bool:
@@ -160,10 +163,15 @@ def claim(
     now: datetime,
     lease: timedelta = DEFAULT_LEASE,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    message_id: str | None = None,
 ) -> Claim | None:
     """Record ``key`` as pending and hand the caller the right to send it, or return None
     when it must not be sent now: sent already, in flight elsewhere, not due yet, or out of
-    attempts (a stale pending row out of attempts is closed as given up here)."""
+    attempts (a stale pending row out of attempts is closed as given up here).
+
+    ``message_id`` is recorded with the first claim of a key; every later claim keeps the
+    recorded one, so a resend carries its first attempt's Message-ID even after the store's
+    installation id was made again."""
     lease_until = now + lease
     with engine.begin() as conn:
         inserted = conn.execute(
@@ -178,6 +186,7 @@ def claim(
                 covers_as_of=covers_as_of,
                 created_at=now,
                 next_attempt_at=lease_until,
+                provider_message_id=message_id,
             )
             .on_conflict_do_nothing(index_elements=["idempotency_key"])
             .returning(_c.id)
@@ -205,11 +214,11 @@ def claim(
                     )
                 )
             return None
+        kept = row.provider_message_id is not None
         note = row.error_message
         if row.status == PENDING:
-            note = (
-                f"{UNKNOWN_OUTCOME} of attempt {row.attempts} (claimed, never recorded); "
-                "resent with the same Message-ID"
+            note = f"{UNKNOWN_OUTCOME} of attempt {row.attempts} (claimed, never recorded); " + (
+                "resent with the same Message-ID" if kept else "resent with the same key"
             )
         # Compare-and-set on (status, attempts): of two runs racing here, one wins.
         updated = conn.execute(
@@ -221,13 +230,14 @@ def claim(
                 next_attempt_at=lease_until,
                 recipient_email=", ".join(recipients),
                 error_message=note,
+                provider_message_id=row.provider_message_id if kept else message_id,
             )
         )
         if updated.rowcount != 1:
             return None
         entry = _entry(conn.execute(_select_key(key)).first())
     assert entry is not None
-    return Claim(entry, row.status)
+    return Claim(entry, row.status, kept_message_id=kept)
 
 
 def describe(
@@ -269,9 +279,10 @@ def mark_sent(engine: Engine, claim: Claim, *, provider_message_id: str, now: da
     """Record that the claimed message was delivered."""
     note = None
     if claim.outcome_unknown:
+        same = "Message-ID and key header" if claim.kept_message_id else "key header"
         note = (
             f"possible duplicate: {UNKNOWN_OUTCOME} of attempt {claim.entry.attempts - 1}; "
-            "both carried the same Message-ID and key header"
+            f"both carried the same {same}"
         )
     with engine.begin() as conn:
         conn.execute(
