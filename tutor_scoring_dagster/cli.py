@@ -240,9 +240,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(summary.render())
     if summary.success:
         print(
-            "  (the sample's sessions are made up at once, not live: the latency above is the\n"
-            "   age of the newest sample session when the demo ran; drop-to-email is measured\n"
-            "   in benchmarks/README.md)"
+            "  (the sample's sessions are made up at once, not live: the latency above, and\n"
+            "   its check when it fails, are about the age of the newest sample session when\n"
+            "   the demo ran; drop-to-email is measured in benchmarks/README.md)"
         )
         print(
             "\nWhere to look:\n"
