@@ -432,6 +432,7 @@ class FlakySender:
 
     failures: list[DeliveryError]
     name: str = "flaky"
+    sends_message_id: bool = True
     calls: int = 0
 
     def send(self, email: OutgoingEmail) -> str:

@@ -184,6 +184,7 @@ class Down:
     """A backend that is down: every send fails."""
 
     name = "down"
+    sends_message_id = True
 
     def send(self, email: OutgoingEmail) -> str:
         raise DeliveryError("connection refused", retryable=True)

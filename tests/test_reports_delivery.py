@@ -330,6 +330,34 @@ def test_sendgrid_throttling_errors_and_bad_key_then_each_message_once(
     assert sent is not None and sent.provider_message_id == "sg-7" and sent.attempts == 3
 
 
+def test_a_sendgrid_resend_is_not_said_to_share_a_message_id(
+    store: sa.Engine, home: Settings, sendgrid: FakeSendGrid, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SendGrid gives each request its own id: after an unknown outcome, the ledger says the
+    two copies share the key, and records no Message-ID of ours for them."""
+    sender = SendGridSender(API_KEY, host=sendgrid.url, timeout=5)
+    now = datetime.now(UTC)
+    real_mark_sent = ledger.mark_sent
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("worker killed")
+
+    monkeypatch.setattr(ledger, "mark_sent", crash)
+    with pytest.raises(RuntimeError):
+        tick(store, home, sender, now)
+    monkeypatch.setattr(ledger, "mark_sent", real_mark_sent)
+    entry = ledger.get(store, ALERT)
+    assert entry is not None and entry.status == "pending" and entry.provider_message_id is None
+
+    later = tick(store, home, sender, now + timedelta(minutes=11))
+    assert ALERT in later.resent_unknown
+    entry = ledger.get(store, ALERT)
+    assert entry is not None and entry.status == "sent"
+    assert (entry.error_message or "").endswith("both carried the same key header")
+    assert (entry.provider_message_id or "").startswith("sg-")
+    assert sendgrid.accepted()[ALERT] == 2
+
+
 # --- limits and concurrency ----------------------------------------------------------------
 
 
@@ -341,6 +369,7 @@ class Counting:
     fail: bool = False
     delay: float = 0.0
     name: str = "counting"
+    sends_message_id: bool = True
     sends: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 

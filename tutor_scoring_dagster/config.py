@@ -126,7 +126,8 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting(
         "EMAIL_PENDING_LEASE_MINUTES",
         "10",
-        "A claimed report never recorded as sent after this long is resent (same Message-ID).",
+        "A claimed report never recorded as sent after this long is resent (same key; same "
+        "Message-ID over SMTP and in the outbox).",
     ),
     Setting("REPORT_LATENCY_TARGET_MINUTES", "60", "p95 session-to-email latency allowed."),
     Setting(

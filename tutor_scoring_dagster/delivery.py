@@ -92,7 +92,8 @@ class OutgoingEmail:
     text: str
     """Plain-text alternative of ``html``."""
     message_id: str
-    """The Message-ID (outbox, SMTP): ``message_id_for(idempotency_key, installation)``."""
+    """The Message-ID (outbox, SMTP): the one the ledger recorded with the key's first claim,
+    ``message_id_for(idempotency_key, installation)`` of the installation id at that time."""
 
     def __post_init__(self) -> None:
         if isinstance(self.recipients, str):
@@ -187,6 +188,9 @@ class EmailSender(Protocol):
     """A delivery backend."""
 
     name: str
+    sends_message_id: bool
+    """Whether the message goes out under ``OutgoingEmail.message_id`` (the provider assigns
+    its own otherwise)."""
 
     def send(self, email: OutgoingEmail) -> str:
         """Deliver ``email`` and return the provider's message id; raises DeliveryError."""
@@ -201,6 +205,7 @@ class OutboxSender:
     """
 
     name = "outbox"
+    sends_message_id = True
 
     def __init__(self, outbox_dir: Path) -> None:
         self.outbox_dir = Path(outbox_dir)
@@ -265,6 +270,7 @@ class SmtpSender:
     """Hands messages to an SMTP server, optionally with STARTTLS and login."""
 
     name = "smtp"
+    sends_message_id = True
 
     def __init__(
         self,
@@ -360,6 +366,7 @@ class SendGridSender:
     """
 
     name = "sendgrid"
+    sends_message_id = False
 
     def __init__(
         self, api_key: str, *, host: str = DEFAULT_SENDGRID_HOST, timeout: float = 10.0

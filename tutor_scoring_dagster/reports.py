@@ -117,7 +117,7 @@ class ReportSettings:
         minutes=int(setting_default("EMAIL_PENDING_LEASE_MINUTES"))
     )
     """EMAIL_PENDING_LEASE_MINUTES: a claim older than this, never recorded, is an unknown
-    outcome and is resent with the same Message-ID."""
+    outcome and is resent (same key; same Message-ID over SMTP and in the outbox)."""
     latency_target: timedelta = timedelta(
         minutes=int(setting_default("REPORT_LATENCY_TARGET_MINUTES"))
     )
@@ -929,7 +929,8 @@ def deliver_due(
             now=now(),
             lease=settings.pending_lease,
             max_attempts=settings.max_attempts,
-            message_id=message_id,
+            # Recorded only where it is the message's: SendGrid assigns its own.
+            message_id=message_id if sender.sends_message_id else None,
         )
         if claim is None:
             outcome.skipped.append(due.key)

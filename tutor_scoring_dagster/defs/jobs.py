@@ -105,7 +105,8 @@ class RunSummary:
             + (f" ({e.severity.value})" if e.severity != dg.AssetCheckSeverity.ERROR else "")
             + (f": {e.description}" if e.description else "")
             for e in result.get_asset_check_evaluations()
-            if not e.passed
+            # A failed blocking check already fails its step: it is listed as an error.
+            if not e.passed and not (e.blocking and e.severity == dg.AssetCheckSeverity.ERROR)
         ]
         for event in result.all_events:
             if event.is_step_materialization:

@@ -58,6 +58,9 @@ class LedgerEntry:
     recipient_email: str
     error_message: str | None
     provider_message_id: str | None
+    """Until sent, the Message-ID the message goes out under (outbox, SMTP; None for SendGrid
+    and for rows claimed by older code); once sent, the provider's id (SendGrid's
+    ``X-Message-Id``, or that same Message-ID)."""
     covers_as_of: datetime | None
     newest_session_time: datetime | None
     created_at: datetime
@@ -169,8 +172,9 @@ def claim(
     when it must not be sent now: sent already, in flight elsewhere, not due yet, or out of
     attempts (a stale pending row out of attempts is closed as given up here).
 
-    ``message_id`` is recorded with the first claim of a key; every later claim keeps the
-    recorded one, so a resend carries its first attempt's Message-ID even after the store's
+    ``message_id`` (None for a backend that assigns its own) is recorded with the first claim
+    of a key, or with a later one when none was recorded; every later claim keeps the recorded
+    one, so a resend carries its first attempt's Message-ID even after the store's
     installation id was made again."""
     lease_until = now + lease
     with engine.begin() as conn:
@@ -214,7 +218,7 @@ def claim(
                     )
                 )
             return None
-        kept = row.provider_message_id is not None
+        kept = bool(row.provider_message_id)
         note = row.error_message
         if row.status == PENDING:
             note = f"{UNKNOWN_OUTCOME} of attempt {row.attempts} (claimed, never recorded); " + (
@@ -296,7 +300,7 @@ def mark_sent(engine: Engine, claim: Claim, *, provider_message_id: str, now: da
                 sent_at=now,
                 next_attempt_at=None,
                 error_message=note,
-                provider_message_id=provider_message_id[:256],
+                provider_message_id=provider_message_id[:256] or None,
             )
         )
 

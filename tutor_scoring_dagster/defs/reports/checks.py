@@ -30,11 +30,14 @@ def email_delivery_latency(serving_store: ServingStoreResource) -> dg.AssetCheck
         return dg.AssetCheckResult(
             passed=True, metadata={**minutes, "note": dg.MetadataValue.text("no report sent")}
         )
+    p95_minutes = round(p95.total_seconds() / 60, 1)
     return dg.AssetCheckResult(
         passed=p95 <= target,
+        description=f"p95 session-to-email latency {p95_minutes} min over the last day's "
+        f"{len(latencies)} reports (target {target.total_seconds() / 60:g} min)",
         metadata={
             **minutes,
-            "p95_minutes": dg.MetadataValue.float(round(p95.total_seconds() / 60, 1)),
+            "p95_minutes": dg.MetadataValue.float(p95_minutes),
             "max_minutes": dg.MetadataValue.float(round(latencies[-1].total_seconds() / 60, 1)),
         },
     )
