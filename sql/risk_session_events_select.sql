@@ -1,5 +1,6 @@
--- One row per session scheduled in [$start, $end), in each tutor's scheduled order: the
--- per-session events that risk tiers and their drivers read (risk_tiers.py, drivers.py).
+-- One row per session scheduled in [$start, $end), in no order: the per-session events that
+-- risk tiers and their drivers read (risk_tiers.py, drivers.py). Tiers sort them by their
+-- integer keys, faster than this ORDER BY of strings; drivers only sum them.
 --
 -- moved_by_tutor follows the Scores contract (a tutor-initiated reschedule, whatever the
 -- session's final status). A session the tutor moved more than once is described by its
@@ -24,4 +25,3 @@ SELECT
 FROM sessions AS s
 LEFT JOIN tutor_moves AS m USING (session_id)
 WHERE s.scheduled_time >= $start AND s.scheduled_time < $end
-ORDER BY s.tutor_id, s.scheduled_time, s.session_id
