@@ -100,6 +100,26 @@ def tick(
         )
 
 
+def tick_killed_after_sending(
+    engine: sa.Engine,
+    home: Settings,
+    sender: EmailSender,
+    at: datetime,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tick whose run dies after the provider accepted its first message, before the
+    ledger recorded it: that key stays pending, its outcome unknown."""
+    real_mark_sent = ledger.mark_sent
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("worker killed")
+
+    monkeypatch.setattr(ledger, "mark_sent", crash)
+    with pytest.raises(RuntimeError):
+        tick(engine, home, sender, at)
+    monkeypatch.setattr(ledger, "mark_sent", real_mark_sent)
+
+
 def parse(raw: bytes) -> EmailMessage:
     msg = message_from_bytes(raw.replace(b"\r\n", b"\n"), policy=default_policy)
     return cast(EmailMessage, msg)
@@ -221,15 +241,7 @@ def test_an_unknown_outcome_is_resent_with_the_same_message_id(
     now = datetime.now(UTC)
 
     # The run dies right after the provider accepted the alert, before the ledger knew.
-    real_mark_sent = ledger.mark_sent
-
-    def crash(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("worker killed")
-
-    monkeypatch.setattr(ledger, "mark_sent", crash)
-    with pytest.raises(RuntimeError):
-        tick(store, home, sender, now)
-    monkeypatch.setattr(ledger, "mark_sent", real_mark_sent)
+    tick_killed_after_sending(store, home, sender, now, monkeypatch)
     entry = ledger.get(store, ALERT)
     assert entry is not None and entry.status == "pending"
     # The claim recorded the Message-ID the message went out with; the store's installation
@@ -337,15 +349,7 @@ def test_a_sendgrid_resend_is_not_said_to_share_a_message_id(
     two copies share the key, and records no Message-ID of ours for them."""
     sender = SendGridSender(API_KEY, host=sendgrid.url, timeout=5)
     now = datetime.now(UTC)
-    real_mark_sent = ledger.mark_sent
-
-    def crash(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("worker killed")
-
-    monkeypatch.setattr(ledger, "mark_sent", crash)
-    with pytest.raises(RuntimeError):
-        tick(store, home, sender, now)
-    monkeypatch.setattr(ledger, "mark_sent", real_mark_sent)
+    tick_killed_after_sending(store, home, sender, now, monkeypatch)
     entry = ledger.get(store, ALERT)
     assert entry is not None and entry.status == "pending" and entry.provider_message_id is None
 
