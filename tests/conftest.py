@@ -10,12 +10,14 @@ import os
 import uuid
 import warnings
 from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from tutor_scoring_dagster.config import Settings, load_settings
+from tutor_scoring_dagster.defs.partitions import due_day
 
 PG_ADMIN_URL = os.environ.get(
     "TUTOR_SCORING_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -61,6 +63,16 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TUTOR_SCORING_HOME", str(tmp_path / "home"))
     return load_settings()
+
+
+@pytest.fixture
+def due_partition() -> date:
+    """The daily partition due now (``due_day``); skips a test the 01:30 UTC deadline could
+    pass during, which would change the day it expects."""
+    now = datetime.now(UTC)
+    if due_day(now + timedelta(minutes=5)) != due_day(now):
+        pytest.skip("too close to the 01:30 UTC deadline to tell which day is due")
+    return due_day(now)
 
 
 def _pg_available() -> str | None:

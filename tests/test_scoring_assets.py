@@ -53,7 +53,7 @@ from tutor_scoring_dagster.defs.scores.checks import (
 )
 from tutor_scoring_dagster.defs.scores.freshness import (
     DUE_PARTITION,
-    PARTITION_DUE,
+    YESTERDAY_MATERIALIZED,
     yesterday_partition_freshness,
 )
 from tutor_scoring_dagster.defs.scores.sensors import late_data_sensor
@@ -881,15 +881,12 @@ def test_the_partition_due_is_yesterdays_from_the_deadline_on() -> None:
 
 
 def test_yesterdays_partition_goes_red_until_a_run_materializes_it(
-    wh: Path, tmp_path: Path
+    wh: Path, tmp_path: Path, due_partition: date
 ) -> None:
     """A backfill of old days used to keep the daily assets green while yesterday's partition
     was missing. The partition check is red then, names the day it waits for, and turns green
     in the run that materializes that day."""
-    now = datetime.now(UTC)
-    due = due_day(now).isoformat()
-    if due_day(now + timedelta(minutes=5)).isoformat() != due:
-        pytest.skip("too close to the 01:30 UTC deadline to tell which day is due")
+    due = due_partition.isoformat()
     url = f"sqlite:///{tmp_path / 'store.sqlite'}"
     daily = [*DAILY, tutor_score_history, yesterday_partition_freshness]
     with dg.instance_for_test() as instance:
@@ -900,7 +897,7 @@ def test_yesterdays_partition_goes_red_until_a_run_materializes_it(
         evaluations = {
             e.asset_key.to_user_string(): e
             for e in backfill.get_asset_check_evaluations()
-            if e.check_name == PARTITION_DUE
+            if e.check_name == YESTERDAY_MATERIALIZED
         }
         assert set(evaluations) == {
             "tutor_daily_activity",
@@ -925,7 +922,9 @@ def test_yesterdays_partition_goes_red_until_a_run_materializes_it(
         )
         assert daily_run.success
         fresh = [
-            e for e in daily_run.get_asset_check_evaluations() if e.check_name == PARTITION_DUE
+            e
+            for e in daily_run.get_asset_check_evaluations()
+            if e.check_name == YESTERDAY_MATERIALIZED
         ]
         assert len(fresh) == 3 and all(e.passed for e in fresh)
     # The scheduled job selects the check, so a missing day is re-judged by the run that fills
@@ -934,7 +933,7 @@ def test_yesterdays_partition_goes_red_until_a_run_materializes_it(
     assert {
         k.asset_key.to_user_string()
         for k in daily_job.asset_layer.asset_graph.asset_check_keys
-        if k.name == PARTITION_DUE
+        if k.name == YESTERDAY_MATERIALIZED
     } == {"tutor_daily_activity", "tutor_scores_daily", "tutor_score_history"}
     schedule = defs.resolve_schedule_def("yesterday_partition_freshness_job_schedule")
     assert schedule.cron_schedule == "30 1 * * *"

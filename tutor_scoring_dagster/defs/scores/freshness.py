@@ -22,7 +22,7 @@ from tutor_scoring_dagster.defs.partitions import (
 from tutor_scoring_dagster.defs.publish.assets import tutor_score_history
 from tutor_scoring_dagster.defs.scores.assets import tutor_daily_activity, tutor_scores_daily
 
-PARTITION_DUE = "yesterday_materialized"
+YESTERDAY_MATERIALIZED = "yesterday_materialized"
 DUE_PARTITION = "due_partition"
 """Check metadata: the partition the check looked for."""
 
@@ -30,7 +30,7 @@ DUE_PARTITION = "due_partition"
 @dg.multi_asset_check(
     specs=[
         dg.AssetCheckSpec(
-            PARTITION_DUE,
+            YESTERDAY_MATERIALIZED,
             asset=asset,
             description="Red from 01:30 UTC until yesterday's partition is materialized.",
         )
