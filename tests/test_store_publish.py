@@ -431,11 +431,12 @@ def test_a_copy_in_parts_and_in_key_order_sends_every_row_once(
     pg_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch, amount: type[sa.types.TypeEngine[Any]]
 ) -> None:
     """Frames are put in key order and encoded a slice at a time (memory holds one slice's
-    copy), and a frame's parts go as one COPY, made ahead of the one being sent: what arrives
-    is every row once, in the order asked for, in either format (``numeric`` has no binary
-    encoding here: CSV)."""
+    copy; binary rows are packed a block at a time within it), and a frame's parts go as one
+    COPY, made ahead of the one being sent: what arrives is every row once, in the order asked
+    for, in either format (``numeric`` has no binary encoding here: CSV)."""
     monkeypatch.setattr(p, "PART_ROWS", 7)
     monkeypatch.setattr(p, "BINARY_CHUNK_ROWS", 3)
+    monkeypatch.setattr(p, "RECORD_BLOCK_ROWS", 2)
     monkeypatch.setattr(p, "COPY_CHUNK_ROWS", 4)
     table = sa.Table(
         "parts_round_trip",
