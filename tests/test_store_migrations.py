@@ -105,12 +105,19 @@ def test_each_migration_steps_up_and_down_keeping_rows(engine: sa.Engine) -> Non
         tier = conn.execute(sa.select(t.tutor_scores.c.risk_tier, t.tutor_scores.c.newly_flagged))
         assert tier.one() == ("insufficient_data", False)
         # 0004: one id for this deployment, which its reports' Message-IDs carry.
-        [(installation, made)] = conn.execute(sa.select(t.installation)).all()
+        [(installation, made)] = conn.execute(
+            sa.select(t.installation.c.installation_id, t.installation.c.created_at)
+        ).all()
         assert re.fullmatch(r"[0-9a-f]{16}", installation) and made is not None
     assert ledger.installation_id(engine) == installation
+    # 0005: the store refuses a second id, which would leave "this deployment's" to chance.
+    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+        conn.execute(sa.insert(t.installation), {"installation_id": "0" * 16, "created_at": NOW})
     for revision in reversed(steps[:-1]):
         migrate.downgrade(engine, revision)
         assert stored() == ("Ann", score["total_sessions_90d"]), revision
+        if revision == "0004":  # stepping back over 0005 keeps the deployment's id
+            assert ledger.installation_id(engine) == installation
 
 
 def publish_small(engine: sa.Engine, *, auto_upgrade: bool) -> None:

@@ -267,9 +267,7 @@ def describe(
 def installation_id(engine: Engine) -> str:
     """This deployment's id (``installation``), which its reports' Message-IDs carry."""
     with engine.connect() as conn:
-        found = conn.execute(
-            sa.select(installation.c.installation_id).order_by(installation.c.created_at)
-        ).first()
+        found = conn.execute(sa.select(installation.c.installation_id)).first()  # one row
     if found is None:
         raise LookupError(
             "the serving store's installation table is empty (its row is made by migration "

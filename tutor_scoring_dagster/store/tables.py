@@ -217,6 +217,9 @@ installation = sa.Table(
     metadata,
     sa.Column("installation_id", sa.String(32), primary_key=True),
     sa.Column("created_at", UtcDateTime, nullable=False),
+    # True and unique (migration 0005): the database refuses a second row.
+    sa.Column("single_row", sa.Boolean(), server_default=sa.true(), nullable=False, unique=True),
+    sa.CheckConstraint("single_row", name="single_row"),
 )
 """One row, made by migration 0004: this deployment's id. It is part of every Message-ID the
 deployment writes, so that two deployments sending the same report (staging and production)
