@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -111,13 +111,31 @@ def test_each_migration_steps_up_and_down_keeping_rows(engine: sa.Engine) -> Non
         assert re.fullmatch(r"[0-9a-f]{16}", installation) and made is not None
     assert ledger.installation_id(engine) == installation
     # 0005: the store refuses a second id, which would leave "this deployment's" to chance.
-    with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
-        conn.execute(sa.insert(t.installation), {"installation_id": "0" * 16, "created_at": NOW})
+    for extra in ({}, {"single_row": False}):
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+            row = {"installation_id": "0" * 16, "created_at": NOW, **extra}
+            conn.execute(sa.insert(t.installation), row)
     for revision in reversed(steps[:-1]):
         migrate.downgrade(engine, revision)
         assert stored() == ("Ann", score["total_sessions_90d"]), revision
         if revision == "0004":  # stepping back over 0005 keeps the deployment's id
             assert ledger.installation_id(engine) == installation
+
+
+def test_a_store_with_two_installation_ids_keeps_the_one_its_message_ids_carry(
+    engine: sa.Engine,
+) -> None:
+    """Before 0005 a second row was possible and the oldest was the id in use: upgrading keeps
+    that one and drops the others, instead of failing every publish's automatic upgrade."""
+    migrate.upgrade(engine, "0004")
+    in_use = ledger.installation_id(engine)
+    later = datetime.now(UTC) + timedelta(days=1)
+    old = sa.Table("installation", sa.MetaData(), autoload_with=engine)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(old), {"installation_id": "f" * 16, "created_at": later})
+    migrate.upgrade(engine)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(t.installation.c.installation_id)).scalars().all() == [in_use]
 
 
 def publish_small(engine: sa.Engine, *, auto_upgrade: bool) -> None:
