@@ -367,10 +367,14 @@ def pg_engine(pg_url: str) -> Iterator[sa.Engine]:
     engine.dispose()
 
 
-def test_binary_copy_round_trips_every_type(pg_engine: sa.Engine) -> None:
+@pytest.mark.parametrize("block", [2, p.RECORD_BLOCK_ROWS])
+def test_binary_copy_round_trips_every_type(
+    pg_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
     """Postgres gets frames in its binary COPY format (SQLite has no COPY): values come back
     exactly, edge cases included (nulls, NaN, infinities, dates and instants before 2000,
-    multi-byte text)."""
+    multi-byte text), however many records are packed at a time."""
+    monkeypatch.setattr(p, "RECORD_BLOCK_ROWS", block)
     engine = pg_engine
     table = sa.Table(
         "binary_round_trip",
