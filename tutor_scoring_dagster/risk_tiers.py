@@ -260,8 +260,8 @@ def window_sums_at(
     # A marker's window holds the sessions with key in [key - W, key): sessions at the
     # marker's own instant come after it. Every window edge, sorted: the sessions between two
     # edges are summed by one count in their own order (no sort of the sessions, no gather of
-    # each column: 0.9 -> 0.2 s for the current snapshot's drivers at 10M), and the running
-    # sum of those counts at edge j is the total of the sessions before it.
+    # each column: the current snapshot's drivers at 10M, 0.9 -> 0.6 s), and the running sum
+    # of those counts at edge j is the total of the sessions before it.
     ends = {0, *(days for _, days in sums.values())}
     at = {days: m_key - days * _DAY_US for days in ends}
     edges = np.unique(np.concatenate(list(at.values())))
