@@ -635,6 +635,17 @@ def test_window_sums_of_no_sessions_are_zero_and_of_no_markers_empty() -> None:
     assert got.rows() == [("A", T, 0), ("B", T, 0)]
     none = window_sums_at(ev, markers([]), {"moved": ("moved", 30)})
     assert none.is_empty() and none.schema["moved"] == pl.Int64
+    # Sums run in float64 across all sessions: values it cannot sum exactly are refused.
+    huge = pl.DataFrame(
+        {
+            "tutor_id": ["A", "B"],
+            "scheduled_time": [T - timedelta(days=1)] * 2,
+            "moved": [2**60, 1],
+        },
+        schema_overrides={"scheduled_time": pl.Datetime("us", "UTC")},
+    )
+    with pytest.raises(ValueError, match="too large"):
+        window_sums_at(huge, markers([("B", T)]), {"moved": ("moved", 30)})
 
 
 def test_chunks_read_once_match_a_call_per_chunk() -> None:
