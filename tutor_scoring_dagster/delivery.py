@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email import policy as email_policy
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.policy import EmailPolicy
@@ -249,7 +248,7 @@ def _message_id_of(path: Path) -> str | None:
     under an older form of the id), so that the ledger records what the file says."""
     try:
         with path.open("rb") as fh:
-            found = BytesHeaderParser(policy=email_policy.default).parse(fh)["Message-ID"]
+            found = BytesHeaderParser(policy=_HEADER_POLICY).parse(fh)["Message-ID"]
     except OSError:
         return None
     return str(found) if found else None
