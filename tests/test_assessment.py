@@ -4,8 +4,10 @@ the store; every parameter is a setting."""
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -158,3 +160,45 @@ def test_a_long_range_assessed_a_chunk_at_a_time_equals_one_chunk(
         chunked = assess_days(con, first, last, rule, params, with_drivers=False).scores
     assert whole.height == 9 * whole.get_column("tutor_id").n_unique() > 0
     assert chunked.sort("tutor_id", "as_of").equals(whole.sort("tutor_id", "as_of"))
+
+
+def test_a_snapshots_tiers_are_judged_while_its_scores_are_made(
+    home: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The current snapshot's path (with drivers): its scores, made on a thread, are waited
+    for only once its tiers and drivers are judged, so the two run side by side; the rows are
+    the same, and a failure making the scores is still raised."""
+    land(home, tmp_path)
+    assert run_pipeline(as_of=AS_OF, history_days=1).success
+    rule, params = RiskRule(), AssessParams()
+    with connect(home.warehouse, read_only=True) as con:
+        alone = assess_as_of(con, AS_OF, rule, params)
+    judged = threading.Event()
+    real_tiers, real_scores = assessment.risk_tiers_for_days, assessment.score_snapshots
+
+    def tiers(*args: Any, **kwargs: Any) -> pl.DataFrame:
+        judged.set()
+        return real_tiers(*args, **kwargs)
+
+    def scores(*args: Any, **kwargs: Any) -> pl.DataFrame:
+        # Waiting for the scores before judging the tiers would stall this for the timeout.
+        assert judged.wait(timeout=30), "the scores were waited for before the tiers"
+        return real_scores(*args, **kwargs)
+
+    monkeypatch.setattr(assessment, "risk_tiers_for_days", tiers)
+    monkeypatch.setattr(assessment, "score_snapshots", scores)
+    with connect(home.warehouse, read_only=True) as con:
+        side_by_side = assess_as_of(con, AS_OF, rule, params)
+    assert alone.scores.height > 0 and alone.drivers.height > 0
+    assert side_by_side.scores.equals(alone.scores)
+    assert side_by_side.drivers.equals(alone.drivers)
+
+    def broken(*args: Any, **kwargs: Any) -> pl.DataFrame:
+        raise RuntimeError("scores broke")
+
+    monkeypatch.setattr(assessment, "score_snapshots", broken)
+    with (
+        connect(home.warehouse, read_only=True) as con,
+        pytest.raises(RuntimeError, match="scores broke"),
+    ):
+        assess_as_of(con, AS_OF, rule, params)
