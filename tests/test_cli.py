@@ -93,6 +93,7 @@ def test_tutors_lists_filters_sorts_and_pages(scored: Settings) -> None:
         (("run", "--as-of", "2999-01-01T00:00:00Z"), "--as-of 2999-01-01T00:00:00+00:00 is in"),
         (("db", "downgrade", "9999"), "db downgrade: Can't locate revision identified by '9999'"),
         (("db", "upgrade", "9999"), "db upgrade: Can't locate revision identified by '9999'"),
+        (("db", "downgrade"), "db downgrade needs a revision (or 'base')"),
     ],
 )
 def test_bad_values_are_one_line_and_exit_2(

@@ -8,12 +8,17 @@ import os
 import signal
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
 
 EXIT_USAGE = 2
+T = TypeVar("T")
 
 
 def _parse_instant(text: str) -> datetime:
@@ -257,28 +262,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    import sqlalchemy as sa
     from alembic.util import CommandError
 
-    from tutor_scoring_dagster.config import load_settings
     from tutor_scoring_dagster.store import migrate
-    from tutor_scoring_dagster.store.errors import (
-        SchemaAheadError,
-        explain,
-        missing_sqlite_file,
-        safe_url,
-    )
-    from tutor_scoring_dagster.store.publish import create_store_engine
+    from tutor_scoring_dagster.store.errors import SchemaAheadError, safe_url
 
-    url = load_settings().database_url
-    missing = missing_sqlite_file(url)
-    if missing is not None and args.action != "upgrade":  # upgrade makes the store
-        raise StoreUnavailable(missing)
     if args.action == "downgrade" and not args.revision:
         print("tutor-scoring db downgrade needs a revision (or 'base')", file=sys.stderr)
         return EXIT_USAGE
-    engine = create_store_engine(url)
-    try:
+    with _store_engine(may_create=args.action == "upgrade") as engine:  # upgrade makes the store
         if args.action != "current":
             # A store migrated by newer code: this code has no script to move it either way.
             problem = migrate.readable_problem(engine)
@@ -295,14 +287,6 @@ def cmd_db(args: argparse.Namespace) -> int:
             f"store {safe_url(engine.url)} at revision "
             f"{migrate.current_revision(engine) or 'none'} (code head {migrate.head_revision()})"
         )
-    except sa.exc.SQLAlchemyError as exc:
-        raise StoreUnavailable(explain(exc, url).message) from None
-    finally:
-        engine.dispose()
-        if missing is not None:  # a failed upgrade leaves no empty SQLite file behind
-            created = Path(str(sa.make_url(url).database))
-            if created.exists() and created.stat().st_size == 0:
-                created.unlink()
     return 0
 
 
@@ -373,33 +357,47 @@ def _json_default(value: Any) -> str:
     return value.isoformat() if hasattr(value, "isoformat") else str(value)
 
 
-def _store_call(fn: Any) -> Any:
-    """Run a store read; its problems become one line (and exit 1) instead of a trace."""
+@contextmanager
+def _store_engine(*, may_create: bool = False) -> Iterator[Engine]:
+    """The serving store's engine, disposed after. A missing SQLite store (unless
+    ``may_create``) and the store's own errors become :class:`StoreUnavailable`, one line
+    saying why; an empty SQLite file that a failed first use made is removed."""
     import sqlalchemy as sa
 
     from tutor_scoring_dagster.config import load_settings
-    from tutor_scoring_dagster.store import migrate
     from tutor_scoring_dagster.store.errors import explain, missing_sqlite_file
     from tutor_scoring_dagster.store.publish import create_store_engine
 
     url = load_settings().database_url
     missing = missing_sqlite_file(url)
-    if missing is not None:
+    if missing is not None and not may_create:
         raise StoreUnavailable(missing)
     engine = None
     try:
         engine = create_store_engine(url)
+        yield engine
+    except sa.exc.SQLAlchemyError as exc:
+        raise StoreUnavailable(explain(exc, url).message) from None
+    finally:
+        if engine is not None:
+            engine.dispose()
+        if missing is not None:
+            created = Path(str(sa.make_url(url).database))
+            if created.exists() and created.stat().st_size == 0:
+                created.unlink()
+
+
+def _store_call(fn: Callable[[Engine], T]) -> T:
+    """Run a store read; its problems become one line (and exit 1) instead of a trace."""
+    from tutor_scoring_dagster.store import migrate
+
+    with _store_engine() as engine:
         # Read the store only at this code's migration: an older store lacks columns, and a
         # newer one may mean something else by them.
         problem = migrate.readable_problem(engine)
         if problem is not None:
             raise StoreUnavailable(str(problem))
         return fn(engine)
-    except sa.exc.SQLAlchemyError as exc:
-        raise StoreUnavailable(explain(exc, url).message) from None
-    finally:
-        if engine is not None:
-            engine.dispose()
 
 
 class StoreUnavailable(Exception):
