@@ -1,5 +1,6 @@
 """The code location served by `dagster-webserver`, driven through its GraphQL API as the UI
-drives it: a partitioned run is launched, runs in its own process and succeeds."""
+drives it: a partitioned run is launched, runs in its own process and succeeds, and the UI
+shows its partition and its checks' results."""
 
 from __future__ import annotations
 
@@ -54,6 +55,18 @@ query { workspaceOrError { __typename ... on Workspace {
 ASSET_QUERY = """
 query { assetNodeOrError(assetKey: {path: ["dashboard_site"]}) { __typename
   ... on AssetNode { groupName kinds } } }
+"""
+
+HEALTH_QUERY = """
+query {
+  assetNodeOrError(assetKey: {path: ["tutor_scores_daily"]}) { __typename ... on AssetNode {
+    assetPartitionStatuses { __typename
+      ... on TimePartitionStatuses { ranges { status startKey endKey } } }
+    assetChecksOrError { __typename ... on AssetChecks { checks {
+      name blocking executionForLatestMaterialization { status partition } } } } } }
+  assetOrError(assetKey: {path: ["tutor_scores_daily"]}) { __typename
+    ... on Asset { assetHealth { assetHealth } } }
+}
 """
 
 
@@ -207,3 +220,20 @@ def test_webserver_launches_a_partitioned_run(webserver: Server, tmp_path: Path)
         ).all()
     engine.dispose()
     assert [tuple(r) for r in rows] == [("A", 6), ("B", 6)]
+
+    # What the data team watches in the UI for the daily asset: the partitions bar, and each
+    # check's latest result. The partition run is not yesterday's, so `yesterday_materialized`
+    # is red; Dagster OSS computes no overall "asset health" (a Dagster+ status): README says
+    # to watch the checks instead.
+    seen = webserver.graphql(HEALTH_QUERY)
+    node = seen["assetNodeOrError"]
+    assert node["assetPartitionStatuses"]["ranges"] == [
+        {"status": "MATERIALIZED", "startKey": PARTITION, "endKey": PARTITION}
+    ]
+    checks = {
+        c["name"]: (c["blocking"], (c["executionForLatestMaterialization"] or {}).get("status"))
+        for c in node["assetChecksOrError"]["checks"]
+    }
+    assert checks.pop("yesterday_materialized") == (False, "FAILED")
+    assert checks and set(checks.values()) == {(True, "SUCCEEDED")}, checks
+    assert seen["assetOrError"] == {"__typename": "Asset", "assetHealth": None}
