@@ -880,6 +880,34 @@ def test_the_partition_due_is_yesterdays_from_the_deadline_on() -> None:
     assert due_day(datetime(2026, 12, 6, 20, 30, tzinfo=eastern)) == date(2026, 12, 6)
 
 
+def test_the_schedules_ask_for_yesterday_after_midnight_and_check_it_at_the_deadline() -> None:
+    """The ticks as the daemon evaluates them, on a real instance: at 00:15 UTC the daily
+    schedule requests yesterday's partition (the snapshot as of midnight); at 01:30 UTC the
+    deadline's schedule requests the partition check's job."""
+    daily = defs.resolve_schedule_def("daily_scores_job_schedule")
+    deadline = defs.resolve_schedule_def("yesterday_partition_freshness_job_schedule")
+    assert (daily.cron_schedule, deadline.cron_schedule) == ("15 0 * * *", "30 1 * * *")
+    with dg.instance_for_test() as instance:
+        for at, partition in [
+            (datetime(2026, 12, 7, 0, 15, tzinfo=UTC), "2026-12-06"),
+            (datetime(2027, 1, 1, 0, 15, tzinfo=UTC), "2026-12-31"),
+        ]:
+            tick = daily.evaluate_tick(
+                dg.build_schedule_context(instance=instance, scheduled_execution_time=at)
+            )
+            assert [r.partition_key for r in tick.run_requests or []] == [partition]
+            assert daily_partitions.time_window_for_partition_key(partition).end == at.replace(
+                minute=0
+            )
+        at = datetime(2026, 12, 7, 1, 30, tzinfo=UTC)
+        tick = deadline.evaluate_tick(
+            dg.build_schedule_context(instance=instance, scheduled_execution_time=at)
+        )
+        assert len(tick.run_requests or []) == 1
+        assert deadline.job_name == "yesterday_partition_freshness_job"
+        assert due_day(at) == date(2026, 12, 6)  # what the check, run now, looks for
+
+
 def test_yesterdays_partition_goes_red_until_a_run_materializes_it(
     wh: Path, tmp_path: Path, due_partition: date
 ) -> None:
