@@ -55,6 +55,20 @@ def test_an_error_making_an_item_is_raised_when_that_item_is_asked_for() -> None
         next(ahead)
 
 
+def test_the_pending_items_error_can_be_read_without_taking_it() -> None:
+    def items() -> Iterator[int]:
+        yield 1
+        raise RuntimeError("item 2 broke")
+
+    with closing(one_ahead(items())) as ahead:
+        assert ahead.pending_error() is None  # item 1 was made
+        assert next(ahead) == 1
+        assert isinstance(ahead.pending_error(), RuntimeError)
+        with pytest.raises(RuntimeError, match="item 2 broke"):  # still there to take
+            next(ahead)
+        assert ahead.pending_error() is None  # closed: nothing pending
+
+
 def failing_at(n: int, message: str) -> Iterator[int]:
     yield from range(n)
     raise RuntimeError(message)

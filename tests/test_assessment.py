@@ -166,8 +166,9 @@ def test_a_snapshots_tiers_are_judged_while_its_scores_are_made(
     home: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The current snapshot's path (with drivers): its scores, made on a thread, are waited
-    for only once its tiers and drivers are judged, so the two run side by side; the rows are
-    the same, and a failure making the scores is still raised."""
+    for only once its tiers are judged, so the two run side by side; the rows are the same,
+    a failure making the scores is raised, and when the judging fails too the error raised
+    names both. No thread is left behind."""
     land(home, tmp_path)
     assert run_pipeline(as_of=AS_OF, history_days=1).success
     rule, params = RiskRule(), AssessParams()
@@ -177,12 +178,13 @@ def test_a_snapshots_tiers_are_judged_while_its_scores_are_made(
     real_tiers, real_scores = assessment.risk_tiers_for_days, assessment.score_snapshots
 
     def tiers(*args: Any, **kwargs: Any) -> pl.DataFrame:
+        made = real_tiers(*args, **kwargs)
         judged.set()
-        return real_tiers(*args, **kwargs)
+        return made
 
     def scores(*args: Any, **kwargs: Any) -> pl.DataFrame:
         # Waiting for the scores before judging the tiers would stall this for the timeout.
-        assert judged.wait(timeout=30), "the scores were waited for before the tiers"
+        assert judged.wait(timeout=10), "the scores were waited for before the tiers"
         return real_scores(*args, **kwargs)
 
     monkeypatch.setattr(assessment, "risk_tiers_for_days", tiers)
@@ -193,12 +195,18 @@ def test_a_snapshots_tiers_are_judged_while_its_scores_are_made(
     assert side_by_side.scores.equals(alone.scores)
     assert side_by_side.drivers.equals(alone.drivers)
 
-    def broken(*args: Any, **kwargs: Any) -> pl.DataFrame:
+    def scores_broken(*args: Any, **kwargs: Any) -> pl.DataFrame:
         raise RuntimeError("scores broke")
 
-    monkeypatch.setattr(assessment, "score_snapshots", broken)
-    with (
-        connect(home.warehouse, read_only=True) as con,
-        pytest.raises(RuntimeError, match="scores broke"),
-    ):
-        assess_as_of(con, AS_OF, rule, params)
+    def tiers_broken(*args: Any, **kwargs: Any) -> pl.DataFrame:
+        raise RuntimeError("tiers broke")
+
+    monkeypatch.setattr(assessment, "score_snapshots", scores_broken)
+    with connect(home.warehouse, read_only=True) as con:
+        with pytest.raises(RuntimeError, match="scores broke"):
+            assess_as_of(con, AS_OF, rule, params)
+        monkeypatch.setattr(assessment, "risk_tiers_for_days", tiers_broken)
+        with pytest.raises(RuntimeError, match="tiers broke") as both:
+            assess_as_of(con, AS_OF, rule, params)
+    assert any("scores broke" in note for note in getattr(both.value, "__notes__", []))
+    assert not [t for t in threading.enumerate() if t.name.startswith("scores")]

@@ -56,6 +56,11 @@ class _Ahead(Generic[T]):
         self._ahead = self._worker.submit(next, self._source, None)
         return item
 
+    def pending_error(self) -> BaseException | None:
+        """The error making the item not yet taken raised, once it is made (None if it was
+        made, or none is pending); the item stays pending."""
+        return None if self._ahead is None else self._ahead.exception()
+
     def close(self) -> None:
         """Wait for the item being made, then let the thread and the items go (also when the
         caller stops early: whatever the items use, a connection say, is free after this)."""

@@ -206,9 +206,10 @@ def assess_days_by_chunk(
     # numpy; the sessions read once for every chunk) are each made one chunk ahead on a thread
     # and a cursor of their own, while this thread joins and checks the chunk before. The
     # tiers were the critical path: ~2 s less over three years, for ~0.4 GB more at the peak
-    # (benchmarks/README.md). Both cursors exist before either thread starts; each thread is
-    # done before its cursor closes, however the loop ends; if a chunk's scores and its
-    # tiers both fail, the error raised names both.
+    # (benchmarks/README.md). With drivers the tiers are judged here, beside the scores. Both
+    # cursors exist before either thread starts; each thread is done before its cursor
+    # closes, however the loop ends; if a chunk's scores and its tiers (or, with drivers, the
+    # judging) both fail, the error raised names both.
     with ExitStack() as held:
         reader = held.enter_context(con.cursor())
         tiers_reader = None if with_drivers else held.enter_context(con.cursor())
@@ -236,26 +237,41 @@ def assess_days_by_chunk(
                     )
                 )
             )
+        scores_taken = False
+
+        def take_scores() -> pl.DataFrame:
+            nonlocal scores_taken
+            scores_taken = True
+            return next(scores_ahead)
+
         for day, end in chunks:
             scores: pl.DataFrame | Callable[[], pl.DataFrame]
             if with_drivers:
                 # The tiers and drivers are judged here while the scores are made on their
                 # thread, and taken only then (a current snapshot at 10M: ~0.5 s of ~3 s).
-                chunk_tiers, scores = None, scores_ahead.__next__
+                chunk_tiers, scores, scores_taken = None, take_scores, False
             else:
                 # The tiers first: their next chunk, the critical path, starts as soon as this
                 # one is taken.
                 chunk_tiers, scores = next_of_both(tiers, scores_ahead)
-            assessed = assess(
-                con,
-                scores,
-                day,
-                end,
-                params,
-                offset=offset,
-                with_drivers=with_drivers,
-                tiers=chunk_tiers,
-            )
+            try:
+                assessed = assess(
+                    con,
+                    scores,
+                    day,
+                    end,
+                    params,
+                    offset=offset,
+                    with_drivers=with_drivers,
+                    tiers=chunk_tiers,
+                )
+            except Exception as exc:
+                # Judging failed before the scores were taken: their error, if any, too.
+                if with_drivers and not scores_taken:
+                    other = scores_ahead.pending_error()
+                    if other is not None:
+                        exc.add_note(f"making the scores failed too: {other!r}")
+                raise
             del scores, chunk_tiers  # not kept while the caller stores this chunk
             yield assessed
             del assessed
