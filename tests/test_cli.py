@@ -93,7 +93,6 @@ def test_tutors_lists_filters_sorts_and_pages(scored: Settings) -> None:
         (("run", "--as-of", "2999-01-01T00:00:00Z"), "--as-of 2999-01-01T00:00:00+00:00 is in"),
         (("db", "downgrade", "9999"), "db downgrade: Can't locate revision identified by '9999'"),
         (("db", "upgrade", "9999"), "db upgrade: Can't locate revision identified by '9999'"),
-        (("db", "downgrade"), "db downgrade needs a revision (or 'base')"),
     ],
 )
 def test_bad_values_are_one_line_and_exit_2(
@@ -226,6 +225,11 @@ def test_reading_a_store_that_is_not_there_says_so_and_creates_nothing(
         assert done.stderr.count("\n") == 1
         assert "does not exist yet: run the pipeline once" in done.stderr, done.stderr
         assert not store.exists() and not store.parent.exists()
+    # A usage error is said before the store is looked at.
+    done = cli(home, "db", "downgrade")
+    assert done.returncode == 2
+    assert "db downgrade needs a revision (or 'base')" in done.stderr, done.stderr
+    assert not store.exists() and not store.parent.exists()
     # A store file without tables (an older version of this command left such files).
     empty = tmp_path / "empty.sqlite"
     sa.create_engine(f"sqlite:///{empty}").connect().close()

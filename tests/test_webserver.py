@@ -222,9 +222,9 @@ def test_webserver_launches_a_partitioned_run(webserver: Server, tmp_path: Path)
     assert [tuple(r) for r in rows] == [("A", 6), ("B", 6)]
 
     # What the data team watches in the UI for the daily asset: the partitions bar, and each
-    # check's latest result. The partition run is not yesterday's, so `yesterday_materialized`
-    # is red; Dagster OSS computes no overall "asset health" (a Dagster+ status): README says
-    # to watch the checks instead.
+    # check's latest result. `yesterday_materialized` is red: the partition it wants is the one
+    # due by the wall clock (yesterday's), later than the one run here. Dagster OSS computes
+    # no overall "asset health" (a Dagster+ status): README says to watch the checks instead.
     seen = webserver.graphql(HEALTH_QUERY)
     node = seen["assetNodeOrError"]
     assert node["assetPartitionStatuses"]["ranges"] == [
