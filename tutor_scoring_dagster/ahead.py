@@ -16,9 +16,10 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import suppress
-from typing import Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)  # _Ahead only hands its items out
 R = TypeVar("R")
 
 _POLL_S = 0.05
@@ -31,18 +32,18 @@ def _close(items: Iterator[object]) -> None:
         close()
 
 
-class _Ahead(Generic[T]):
+class _Ahead(Generic[T_co]):
     """The iterator :func:`one_ahead` returns."""
 
-    def __init__(self, items: Iterable[T], name: str) -> None:
+    def __init__(self, items: Iterable[T_co], name: str) -> None:
         self._source = iter(items)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._ahead: Future[T | None] | None = self._worker.submit(next, self._source, None)
+        self._ahead: Future[T_co | None] | None = self._worker.submit(next, self._source, None)
 
-    def __iter__(self) -> _Ahead[T]:
+    def __iter__(self) -> _Ahead[T_co]:
         return self
 
-    def __next__(self) -> T:
+    def __next__(self) -> T_co:
         if self._ahead is None:
             raise StopIteration
         try:
@@ -78,21 +79,24 @@ def one_ahead(items: Iterable[T], name: str = "ahead") -> _Ahead[T]:
     return _Ahead(items, name)
 
 
-def next_of_both(first: Iterator[T], second: Iterator[R]) -> tuple[T, R]:
-    """The next item of each of two iterators made side by side (two :func:`one_ahead`). If
-    making both failed, the first's error is raised with the second's noted on it, so that
-    neither is lost; if one failed, its own error."""
+def next_of_both(first: Iterator[T], second: _Ahead[R]) -> tuple[T, R]:
+    """The next item of each of two iterators made side by side (``second`` from
+    :func:`one_ahead`). If making both failed, the first's error is raised with the second's
+    noted on it, so that neither is lost; if one failed, its own error."""
     try:
         item = next(first)
     except Exception as exc:
-        # Asking the second only to hear whether it failed too: on this path only, it may
-        # start making the item after, which closing it waits for.
-        try:
-            next(second)
-        except Exception as other:
-            exc.add_note(f"making the other item failed too: {other!r}")
+        note_pending_error(exc, second, "the other item")
         raise
     return item, next(second)
+
+
+def note_pending_error(exc: BaseException, pending: _Ahead[Any], what: str) -> None:
+    """Note on ``exc`` that making ``pending``'s next item (``what``) failed too, if it did,
+    so that neither error is lost: waits for the item without taking it."""
+    other = pending.pending_error()
+    if other is not None:
+        exc.add_note(f"making {what} failed too: {other!r}")
 
 
 class ItemsFailed(RuntimeError):

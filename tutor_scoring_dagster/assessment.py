@@ -11,18 +11,17 @@ its :class:`~tutor_scoring_dagster.schemas.TutorRiskTiers` columns (``score_row_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from itertools import repeat
 from typing import Any
 
 import duckdb
 import pandera.polars as pa
 import polars as pl
 
-from tutor_scoring_dagster.ahead import next_of_both, one_ahead
+from tutor_scoring_dagster.ahead import next_of_both, note_pending_error, one_ahead
 from tutor_scoring_dagster.drivers import (
     ACTION_SCHEMA,
     compute_drivers,
@@ -221,9 +220,11 @@ def assess_days_by_chunk(
                 )
             )
         )
-        tiers: Iterator[pl.DataFrame | None] = repeat(None)
-        if tiers_reader is not None:  # with drivers, each chunk reads its wider events for both
-            tiers = held.enter_context(
+        # With drivers, each chunk reads its wider events for both and judges its tiers here.
+        tiers = (
+            None
+            if tiers_reader is None
+            else held.enter_context(
                 closing(
                     one_ahead(
                         risk_tiers_by_chunk(
@@ -237,6 +238,7 @@ def assess_days_by_chunk(
                     )
                 )
             )
+        )
         scores_taken = False
 
         def take_scores() -> pl.DataFrame:
@@ -246,7 +248,7 @@ def assess_days_by_chunk(
 
         for day, end in chunks:
             scores: pl.DataFrame | Callable[[], pl.DataFrame]
-            if with_drivers:
+            if tiers is None:
                 # The tiers and drivers are judged here while the scores are made on their
                 # thread, and taken only then (a current snapshot at 10M: ~0.5 s of ~3 s).
                 chunk_tiers, scores, scores_taken = None, take_scores, False
@@ -267,10 +269,8 @@ def assess_days_by_chunk(
                 )
             except Exception as exc:
                 # Judging failed before the scores were taken: their error, if any, too.
-                if with_drivers and not scores_taken:
-                    other = scores_ahead.pending_error()
-                    if other is not None:
-                        exc.add_note(f"making the scores failed too: {other!r}")
+                if tiers is None and not scores_taken:
+                    note_pending_error(exc, scores_ahead, "the scores")
                 raise
             del scores, chunk_tiers  # not kept while the caller stores this chunk
             yield assessed
